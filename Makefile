@@ -1,0 +1,36 @@
+# The README's two commands: `make run` (set up + main job on the embedded dataset) and `make test`.
+# A second call reuses the virtual environment and the shards when nothing they depend on changed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA := data/emoji
+TEST_ENV := WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: setup data run test bench clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(DATA)/manifest.json: | $(STAMP)
+	$(PY) -m data_pipelines build-emoji --out $(DATA) --size 64
+
+data: $(DATA)/manifest.json
+
+run: $(STAMP) $(DATA)/manifest.json
+	$(PY) -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest
+
+bench: $(STAMP) $(DATA)/manifest.json
+	$(PY) benchmarks/data_throughput.py --shards '$(DATA)/train-*.tar'
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Shard writing, the shared streaming DataModule and dataset builders."""

@@ -1,0 +1,160 @@
+"""Command-line entry: LightningCLI for fit/validate/test/predict, plus the project's own commands.
+
+`python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml` trains any of the three models: model and
+data are chosen by `class_path` in the config. The other commands (sample, evaluate, compare, sweep, pipeline)
+live in `lightning_diffusion.commands` and are loaded only when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+from typing import Any
+
+from lightning_diffusion.errors import UserError
+
+TRAINER_COMMANDS: dict[str, str] = {
+    "fit": "train a model (VAE-GAN, CLIP or denoiser, chosen by the config's model.class_path)",
+    "validate": "run the validation loop of a model on its data",
+    "test": "run the test loop of a model on its data",
+    "predict": "run the predict loop of a model on its data",
+}
+
+# name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("lightning_diffusion.commands.sample", "turn prompts into image grids with a denoiser checkpoint"),
+    "evaluate": ("lightning_diffusion.commands.evaluate", "score a checkpoint (FID/KID/LPIPS/CLIP score), print a table, write JSON"),
+    "compare": ("lightning_diffusion.commands.compare", "compare local runs: final/best metrics, differing hyper-parameters, plots"),
+    "sweep": ("lightning_diffusion.commands.sweep", "expand a sweep file into a SLURM job array (--dry-run or --submit)"),
+    "pipeline": ("lightning_diffusion.commands.pipeline", "run the three-stage quickstart: VAE-GAN, CLIP, latents, denoiser, report"),
+}
+
+
+def _available_project_commands() -> dict[str, tuple[str, str]]:
+    """Only commands whose module exists are listed and dispatched."""
+    return {
+        name: spec for name, spec in PROJECT_COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None
+    }
+
+
+def _top_level_help() -> str:
+    lines = [
+        "usage: python -m lightning_diffusion <command> [options]",
+        "",
+        "Latent text-to-image diffusion with PyTorch Lightning: VAE-GAN, CLIP and a conditional denoiser.",
+        "",
+        "training commands (LightningCLI; `<command> --help` lists every option):",
+    ]
+    lines += [f"  {name:<10} {text}" for name, text in TRAINER_COMMANDS.items()]
+    lines += ["", "project commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in _available_project_commands().items()]
+    lines += [
+        "",
+        "examples:",
+        "  python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml",
+        "  python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml --trainer.max_steps 100",
+        "  python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml --print_config",
+    ]
+    return "\n".join(lines)
+
+
+_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|"
+    r"Expected a <class 'NoneType'>|Expected a path but)"
+)
+
+
+def _one_line(message: str) -> str:
+    """Collapse jsonargparse's nested multi-line message to `key "k": <the specific problem>`."""
+    lines = [line.strip().lstrip("- ").strip() for line in str(message).splitlines()]
+    lines = [line for line in lines if line and not _NOISE.match(line)]
+    if not lines:
+        return "invalid arguments"
+    key = None
+    head = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0])
+    if head:
+        key, rest = head.groups()
+        lines = ([rest] if rest else []) + lines[1:]
+    text = " ".join(lines).replace("Problem with given class_path", "class_path")
+    text = re.sub(r"\s+", " ", text).strip()
+    return f'key "{key}": {text}' if key else text
+
+
+def run_lightning(args: list[str]) -> None:
+    """Run LightningCLI on `args` (a trainer command first). Parser errors become a `UserError`."""
+    from jsonargparse import ArgumentError
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    class DiffusionCLI(LightningCLI):
+        """LightningCLI whose parser raises instead of printing usage and exiting."""
+
+        def init_parser(self, **kwargs: Any):  # noqa: ANN201 - Lightning's signature
+            parser = super().init_parser(**kwargs)
+            parser.exit_on_error = False
+            return parser
+
+        def _add_subcommands(self, parser, **kwargs: Any) -> None:  # noqa: ANN001
+            super()._add_subcommands(parser, **kwargs)
+            for sub in self._subcommand_parsers.values():
+                sub.exit_on_error = False
+
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0], *args]  # LightningCLI reads sys.argv; passing `args` too makes it warn
+    try:
+        DiffusionCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=_trainer_defaults(),
+        )
+    except ArgumentError as err:
+        raise UserError(f"{_one_line(str(err))} (see `python -m lightning_diffusion {args[0]} --help`)") from err
+    finally:
+        sys.argv = saved_argv
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    """Defaults every run gets unless its config says otherwise."""
+    return {"precision": "32-true"}
+
+
+def _run_project_command(name: str, argv: list[str]) -> int:
+    module_name, help_text = _available_project_commands()[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"python -m lightning_diffusion {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return int(module.run(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to LightningCLI or a project command; user errors print one line and return 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_level_help())
+        return 0 if argv else 2
+    command = argv[0]
+    try:
+        if command in TRAINER_COMMANDS:
+            run_lightning(argv)
+            return 0
+        if command in _available_project_commands():
+            return _run_project_command(command, argv[1:])
+        raise UserError(
+            f"unknown command '{command}': use one of {', '.join([*TRAINER_COMMANDS, *_available_project_commands()])}"
+            " (see `python -m lightning_diffusion --help`)"
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
