@@ -1,0 +1,77 @@
+"""Samples per shard, from the builder's `manifest.json` when it is current, else by listing tar headers.
+
+Exhaustive epochs need the counts to give every rank the same number of full batches. Listing reads only the
+tar headers (the file is seeked over, nothing is decoded) and groups members into samples exactly as
+webdataset does (`base_plus_ext`, consecutive equal keys, `__meta__` files skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+import warnings
+
+from webdataset.tariterators import base_plus_ext
+
+from data_pipelines.urls import url_scheme
+from lightning_diffusion.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def count_tar_samples(path: str) -> int:
+    """Number of webdataset samples in a local tar, from its headers; a truncated tail ends the count."""
+    count, previous = 0, None
+    try:
+        with tarfile.open(path, mode="r:*") as archive:
+            for member in archive:
+                if not member.isreg() or _META.match(member.name):
+                    continue
+                prefix, _ = base_plus_ext(member.name)
+                if prefix is None or prefix == previous:
+                    continue
+                count, previous = count + 1, prefix
+    except (tarfile.TarError, EOFError, OSError) as exn:
+        warnings.warn(f"shard {path!r} is unreadable after {count} samples ({exn}); rebuild it", stacklevel=2)
+    return count
+
+
+def _manifest_counts(directory: str) -> tuple[dict[str, int], float]:
+    """name -> count from `<directory>/manifest.json` (empty when absent) and the manifest's mtime."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return {}, 0.0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            entries = json.load(handle)["shards"]
+        counts = {str(entry["name"]): int(entry["count"]) for entry in entries}
+    except (OSError, ValueError, KeyError, TypeError) as exn:
+        raise UserError(
+            f"{path} is not a valid shard manifest ({exn!r}); rebuild the shards or delete the manifest"
+        ) from exn
+    return counts, os.path.getmtime(path)
+
+
+def shard_sample_counts(urls: list[str], key: str) -> list[int]:
+    """Per-shard sample counts for local shards; a manifest entry is used unless the shard is newer than it."""
+    manifests: dict[str, tuple[dict[str, int], float]] = {}
+    counts = []
+    for url in urls:
+        if url_scheme(url) is not None:
+            raise UserError(
+                f"{key}: {url!r} is remote and exhaustive epochs need per-shard sample counts; "
+                "use data.mode: resampled with data.samples_per_epoch, or local shards"
+            )
+        directory = os.path.dirname(os.path.abspath(url))
+        if directory not in manifests:
+            manifests[directory] = _manifest_counts(directory)
+        listed, manifest_mtime = manifests[directory]
+        name = os.path.basename(url)
+        if name in listed and os.path.getmtime(url) <= manifest_mtime:
+            counts.append(listed[name])
+        else:
+            counts.append(count_tar_samples(url))
+    return counts

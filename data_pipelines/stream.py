@@ -1,0 +1,208 @@
+"""The per-worker sample stream: read this worker's share of the shards, shuffle, decode, skip bad samples, batch.
+
+Tar parsing and the shuffle buffer are webdataset's (`tar_file_expander`, `group_by_keys`, `shuffle`); the split
+across ranks and workers is explicit (see `epoch_plan`) because webdataset's shard-level `split_by_node` /
+`split_by_worker` cannot promise every rank the same number of full batches. Batches are collated in the worker
+and carry, under `SKIPPED_KEY`, how many samples were skipped since the previous batch; the loader in
+`datamodule.py` pops that count in the main process.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.filters import shuffle
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from data_pipelines.decoding import Collate, SampleDecoder
+from data_pipelines.epoch_plan import EpochLayout, derive_seed, refill_segments, segments_between, shard_order
+from lightning_diffusion.errors import UserError
+
+SKIPPED_KEY = "__skipped__"
+MAX_WARNINGS_PER_WORKER = 20
+MAX_CONSECUTIVE_FAILURES = 1000
+
+
+class SkippedSampleWarning(UserWarning):
+    """A sample was skipped because it could not be read or decoded (it is counted, training goes on)."""
+
+
+class SkipLog:
+    """Counts one worker's skipped samples and warns (with shard and key) about the first few."""
+
+    def __init__(self, split: str) -> None:
+        self.split, self.pending, self.reported = split, 0, 0
+
+    def record(self, url: str | None, key: str | None, reason: str, count: int = 1) -> None:
+        if count <= 0:
+            return
+        self.pending += count
+        self.reported += 1
+        if self.reported <= MAX_WARNINGS_PER_WORKER:
+            where = f"sample {key!r} of {url}" if key is not None else f"{url}"
+            warnings.warn(f"{self.split} data: skipped {count} sample(s) at {where}: {reason}", SkippedSampleWarning)
+        if self.reported == MAX_WARNINGS_PER_WORKER:
+            warnings.warn(f"{self.split} data: further skipped samples in this worker are counted without warnings", SkippedSampleWarning)
+
+    def take(self) -> int:
+        pending, self.pending = self.pending, 0
+        return pending
+
+
+class ShardStream(IterableDataset):
+    """One rank's stream of collated batches; `len()` is the exact number of batches this rank yields per epoch.
+
+    `counts` (samples per shard) is required for exhaustive epochs; `samples_per_epoch` (all ranks together)
+    switches to resampled epochs: each worker draws shards with replacement from a (seed, epoch, rank,
+    worker) generator. The epoch lives in shared memory so `set_epoch` reaches persistent workers too.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int] | None,
+        *,
+        split: str,
+        decoder: SampleDecoder,
+        collate: Collate,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle_shards: bool,
+        shuffle_buffer: int,
+        random_flip: bool = False,
+        samples_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__()
+        if samples_per_epoch is None and counts is None:
+            raise ValueError("exhaustive epochs need per-shard sample counts")
+        self.urls, self.counts, self.split = urls, counts, split
+        self.decoder, self.collate = decoder, collate
+        self.rank, self.seed = rank, seed
+        self.shuffle_shards, self.shuffle_buffer, self.random_flip = shuffle_shards, shuffle_buffer, random_flip
+        self.resampled = samples_per_epoch is not None
+        total = samples_per_epoch if samples_per_epoch is not None else sum(counts)
+        self.layout = EpochLayout(total=total, world=world_size, workers=max(1, num_workers), batch=batch_size)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    def __len__(self) -> int:
+        return self.layout.batches_per_rank
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if workers != self.layout.workers:
+            raise RuntimeError(f"this stream was planned for {self.layout.workers} workers but runs in {workers}")
+        return self.iter_worker(worker, self.epoch)
+
+    def iter_worker(self, worker: int, epoch: int) -> Iterator[dict[str, Any]]:
+        """The batches of one (rank, worker) in `epoch`: a pure function of the seed, epoch, rank, worker and shards."""
+        begin, end = self.layout.worker_range(self.rank, worker)
+        quota = end - begin
+        if quota == 0:
+            return
+        skips = SkipLog(self.split)
+        seeds = ("samples", self.seed, epoch, self.rank, worker)
+        if self.resampled:
+            raw = self._shuffled(self._resampled_raw(worker, epoch, skips), seeds)
+        else:
+            order = shard_order(len(self.urls), self.seed, epoch, self.shuffle_shards)
+            own = self._read_all(segments_between(self.counts, order, begin, end), skips)
+            replacements = self._read_all(refill_segments(self.counts, order, end), skips)
+            raw = chain(self._shuffled(own, seeds), replacements)
+        flips = random.Random(derive_seed("flip", self.seed, epoch, self.rank, worker))
+        batch: list[dict[str, Any]] = []
+        produced = 0
+        for sample in self._decoded(raw, skips, flips):
+            batch.append(sample)
+            if len(batch) == self.layout.batch:
+                collated = self.collate(batch)
+                collated[SKIPPED_KEY] = skips.take()
+                yield collated
+                produced, batch = produced + len(batch), []
+                if produced >= quota:
+                    return
+        raise UserError(
+            f"{self.split} data: only {produced + len(batch)} of the {quota} samples this worker needs are readable "
+            f"in {len(self.urls)} shards; rebuild the shards (see the warnings above for the bad ones)"
+        )
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], seed_parts: tuple) -> Iterator[dict[str, Any]]:
+        if self.shuffle_buffer <= 1:
+            return samples
+        rng = random.Random(derive_seed(*seed_parts))
+        return shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+
+    def _read_all(self, segments: list, skips: SkipLog) -> Iterator[dict[str, Any]]:
+        for segment in segments:
+            yield from self._read_shard(segment.shard, segment.start, segment.stop, skips)
+
+    def _resampled_raw(self, worker: int, epoch: int, skips: SkipLog) -> Iterator[dict[str, Any]]:
+        rng = random.Random(derive_seed("resample", self.seed, epoch, self.rank, worker))
+        empty_reads = 0
+        while empty_reads <= 2 * len(self.urls) + 10:
+            read, shard = 0, rng.randrange(len(self.urls))
+            stop = self.counts[shard] if self.counts is not None else None
+            for sample in self._read_shard(shard, 0, stop, skips):
+                read += 1
+                yield sample
+            empty_reads = 0 if read else empty_reads + 1
+        raise UserError(f"{self.split} data: no readable sample in {len(self.urls)} shards; rebuild the shards")
+
+    def _read_shard(self, shard: int, start: int, stop: int | None, skips: SkipLog) -> Iterator[dict[str, Any]]:
+        """Raw samples [start, stop) of one shard; a read error or a short shard skips (and counts) the rest."""
+        url = self.urls[shard]
+        position, last_key = 0, None
+        try:
+            stream = gopen(url)
+            try:
+                for sample in group_by_keys(tar_file_expander(iter([{"url": url, "stream": stream}]))):
+                    if stop is not None and position >= stop:
+                        return
+                    if position >= start:
+                        yield sample
+                    position, last_key = position + 1, sample["__key__"]
+            finally:
+                stream.close()
+        except Exception as exn:  # a truncated or unreadable shard must not end the epoch early
+            after = f"after {last_key!r}" if last_key is not None else "at its start"
+            missing = (stop - max(start, position)) if stop is not None else 1
+            skips.record(url, None, f"unreadable {after} ({type(exn).__name__}: {exn})", missing)
+            return
+        if stop is not None and position < stop:
+            skips.record(url, None, f"has {position} samples, expected {stop} (stale manifest?)", stop - max(start, position))
+
+    def _decoded(self, raw: Iterator[dict[str, Any]], skips: SkipLog, flips: random.Random) -> Iterator[dict[str, Any]]:
+        failures = 0
+        for sample in raw:
+            try:
+                decoded = self.decoder(sample)
+            except Exception as exn:  # one bad sample is skipped and counted, never fatal
+                skips.record(sample.get("__url__"), sample.get("__key__"), f"{type(exn).__name__}: {exn}")
+                failures += 1
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    raise UserError(
+                        f"{self.split} data: {failures} samples in a row failed to decode, the last with "
+                        f"{type(exn).__name__}: {exn}; check data.image_keys / data.caption_key / data.tensor_keys"
+                    ) from exn
+                continue
+            failures = 0
+            if self.random_flip and "image" in decoded and flips.random() < 0.5:
+                decoded["image"] = decoded["image"][:, ::-1]
+            yield decoded
