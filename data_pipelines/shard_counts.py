@@ -39,25 +39,32 @@ def count_tar_samples(path: str) -> int:
     return count
 
 
-def _manifest_counts(directory: str) -> tuple[dict[str, int], float]:
-    """name -> count from `<directory>/manifest.json` (empty when absent) and the manifest's mtime."""
+def _manifest_entries(directory: str) -> tuple[dict[str, dict], float]:
+    """name -> entry from `<directory>/manifest.json` (empty when absent) and the manifest's mtime."""
     path = os.path.join(directory, MANIFEST_NAME)
     if not os.path.isfile(path):
         return {}, 0.0
     try:
         with open(path, encoding="utf-8") as handle:
             entries = json.load(handle)["shards"]
-        counts = {str(entry["name"]): int(entry["count"]) for entry in entries}
-    except (OSError, ValueError, KeyError, TypeError) as exn:
+        listed = {str(entry["name"]): {"count": int(entry["count"]), "bytes": entry.get("bytes")} for entry in entries}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exn:
         raise UserError(
             f"{path} is not a valid shard manifest ({exn!r}); rebuild the shards or delete the manifest"
         ) from exn
-    return counts, os.path.getmtime(path)
+    return listed, os.path.getmtime(path)
+
+
+def _is_current(url: str, entry: dict, manifest_mtime: float) -> bool:
+    """A manifest entry describes the file if its recorded size matches (or, without a size, it is not newer)."""
+    if entry["bytes"] is not None:
+        return int(entry["bytes"]) == os.path.getsize(url)
+    return os.path.getmtime(url) <= manifest_mtime
 
 
 def shard_sample_counts(urls: list[str], key: str) -> list[int]:
-    """Per-shard sample counts for local shards; a manifest entry is used unless the shard is newer than it."""
-    manifests: dict[str, tuple[dict[str, int], float]] = {}
+    """Per-shard sample counts of local shards: from manifest.json where it is current, else from the tar headers."""
+    manifests: dict[str, tuple[dict[str, dict], float]] = {}
     counts = []
     for url in urls:
         if url_scheme(url) is not None:
@@ -67,11 +74,8 @@ def shard_sample_counts(urls: list[str], key: str) -> list[int]:
             )
         directory = os.path.dirname(os.path.abspath(url))
         if directory not in manifests:
-            manifests[directory] = _manifest_counts(directory)
+            manifests[directory] = _manifest_entries(directory)
         listed, manifest_mtime = manifests[directory]
-        name = os.path.basename(url)
-        if name in listed and os.path.getmtime(url) <= manifest_mtime:
-            counts.append(listed[name])
-        else:
-            counts.append(count_tar_samples(url))
+        entry = listed.get(os.path.basename(url))
+        counts.append(entry["count"] if entry is not None and _is_current(url, entry, manifest_mtime) else count_tar_samples(url))
     return counts

@@ -26,6 +26,7 @@ from data_pipelines.epoch_plan import EpochLayout, derive_seed, refill_segments,
 from lightning_diffusion.errors import UserError
 
 SKIPPED_KEY = "__skipped__"
+REPLACEMENT_KEY = "__replacement__"
 MAX_WARNINGS_PER_WORKER = 20
 MAX_CONSECUTIVE_FAILURES = 1000
 
@@ -35,13 +36,17 @@ class SkippedSampleWarning(UserWarning):
 
 
 class SkipLog:
-    """Counts one worker's skipped samples and warns (with shard and key) about the first few."""
+    """Counts one worker's skipped samples and warns (with shard and key) about the first few.
 
-    def __init__(self, split: str) -> None:
-        self.split, self.pending, self.reported = split, 0, 0
+    A quiet log is used for replacement reads (samples borrowed from after this worker's range): their bad
+    samples belong to another worker's range, which counts them, so each bad sample is counted once.
+    """
+
+    def __init__(self, split: str, quiet: bool = False) -> None:
+        self.split, self.quiet, self.pending, self.reported = split, quiet, 0, 0
 
     def record(self, url: str | None, key: str | None, reason: str, count: int = 1) -> None:
-        if count <= 0:
+        if count <= 0 or self.quiet:
             return
         self.pending += count
         self.reported += 1
@@ -124,7 +129,8 @@ class ShardStream(IterableDataset):
         else:
             order = shard_order(len(self.urls), self.seed, epoch, self.shuffle_shards)
             own = self._read_all(segments_between(self.counts, order, begin, end), skips)
-            replacements = self._read_all(refill_segments(self.counts, order, end), skips)
+            quiet = SkipLog(self.split, quiet=True)
+            replacements = self._read_all(refill_segments(self.counts, order, end), quiet, replacement=True)
             raw = chain(self._shuffled(own, seeds), replacements)
         flips = random.Random(derive_seed("flip", self.seed, epoch, self.rank, worker))
         batch: list[dict[str, Any]] = []
@@ -149,9 +155,12 @@ class ShardStream(IterableDataset):
         rng = random.Random(derive_seed(*seed_parts))
         return shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
 
-    def _read_all(self, segments: list, skips: SkipLog) -> Iterator[dict[str, Any]]:
+    def _read_all(self, segments: list, skips: SkipLog, replacement: bool = False) -> Iterator[dict[str, Any]]:
         for segment in segments:
-            yield from self._read_shard(segment.shard, segment.start, segment.stop, skips)
+            for sample in self._read_shard(segment.shard, segment.start, segment.stop, skips):
+                if replacement:
+                    sample[REPLACEMENT_KEY] = True
+                yield sample
 
     def _resampled_raw(self, worker: int, epoch: int, skips: SkipLog) -> Iterator[dict[str, Any]]:
         rng = random.Random(derive_seed("resample", self.seed, epoch, self.rank, worker))
@@ -194,7 +203,8 @@ class ShardStream(IterableDataset):
             try:
                 decoded = self.decoder(sample)
             except Exception as exn:  # one bad sample is skipped and counted, never fatal
-                skips.record(sample.get("__url__"), sample.get("__key__"), f"{type(exn).__name__}: {exn}")
+                if not sample.get(REPLACEMENT_KEY, False):
+                    skips.record(sample.get("__url__"), sample.get("__key__"), f"{type(exn).__name__}: {exn}")
                 failures += 1
                 if failures >= MAX_CONSECUTIVE_FAILURES:
                     raise UserError(
