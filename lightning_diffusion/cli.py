@@ -102,6 +102,16 @@ def run_lightning(args: list[str]) -> None:
             for sub in self._subcommand_parsers.values():
                 sub.exit_on_error = False
 
+        def before_fit(self) -> None:
+            """Log the resolved config to W&B (hyperparameters + config.yaml) and pin the run id on resume."""
+            import yaml
+
+            from lightning_diffusion.tracking import prepare_loggers
+
+            config = self.config[self.subcommand]
+            text = self._parser(self.subcommand).dump(config, skip_none=False)
+            prepare_loggers(self.trainer, text, yaml.safe_load(text), resuming=config.get("ckpt_path") is not None)
+
     saved_argv = sys.argv
     sys.argv = [saved_argv[0], *args]  # LightningCLI reads sys.argv; passing `args` too makes it warn
     try:
@@ -121,8 +131,10 @@ def run_lightning(args: list[str]) -> None:
 
 
 def _trainer_defaults() -> dict[str, Any]:
-    """Defaults every run gets unless its config says otherwise."""
-    return {"precision": "32-true"}
+    """Defaults every run gets unless its config says otherwise (W&B, offline unless configured)."""
+    from lightning_diffusion.tracking import default_logger_config
+
+    return {"precision": "32-true", "logger": default_logger_config()}
 
 
 def _run_project_command(name: str, argv: list[str]) -> int:
