@@ -125,7 +125,7 @@ def read_wandb_run(run_file: Path, run: RunLog | None = None) -> RunLog:
                      if key.endswith("/_type") and str(value).startswith("image")}
             run.images += sorted(media - set(run.images))
             for key, value in row.items():
-                if key.startswith("_") or key == "trainer/global_step" or isinstance(value, bool):
+                if key.startswith("_") or key in ("trainer/global_step", "epoch") or isinstance(value, bool):
                     continue
                 if any(key.startswith(f"{prefix}/") for prefix in media):
                     continue
