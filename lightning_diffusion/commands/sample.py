@@ -1,0 +1,132 @@
+"""`python -m lightning_diffusion sample`: prompts (or labels, or a low-res image) to a PNG grid and single PNGs.
+
+Several prompts and guidance values in one call make a comparison grid: one row per (prompt, guidance) pair,
+``--n`` samples per row, every row starting from the same seed so rows differ only by their condition. The row
+labels go to a caption file next to the grid (``grid.txt``); the single images to a folder next to it
+(``grid/row00_000.png``). The checkpoint's ``state_dict`` holds the EMA weights when the model trained with EMA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
+from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
+from lightning_diffusion.diffusion.module import Denoiser, check_guidance, check_sampler
+from lightning_diffusion.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="denoiser checkpoint (Lightning .ckpt)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text prompt; repeat for several rows (text-conditioned models)")
+    parser.add_argument("--label", type=int, action="append", default=None,
+                        help="class label; repeat for several rows (class-conditioned models)")
+    parser.add_argument("--lowres", default=None, help="low-resolution image to upscale (super-resolution models)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=None,
+                        help="classifier-free guidance weight(s) w: uncond + w (cond - uncond); 1 = no guidance "
+                             "(default: the model's validation guidance)")
+    parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None,
+                        help="default: the model's validation sampler")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
+    parser.add_argument("--n", type=int, default=16, help="samples per row")
+    parser.add_argument("--out", default="samples/grid.png", help="grid PNG; single images go to a folder beside it")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--vae-checkpoint", default=None, help="override the VAE-GAN path stored in the checkpoint")
+    parser.add_argument("--clip-checkpoint", default=None, help="override the CLIP path stored in the checkpoint")
+
+
+def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
+    """A Denoiser from a Lightning checkpoint (weights_only), in eval mode on the CPU."""
+    checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "objective" not in hparams or "state_dict" not in checkpoint:
+        raise UserError(f"'{path}' (--ckpt) is not a denoiser checkpoint: pass one written by "
+                        f"`python -m lightning_diffusion fit --config configs/denoiser/...`")
+    kwargs = {key: value for key, value in hparams.items() if not key.startswith("_")}
+    kwargs.update({key: value for key, value in overrides.items() if value is not None})
+    model = Denoiser(**kwargs)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def _load_lowres(path: str, size: int) -> torch.Tensor:
+    if not Path(path).is_file():
+        raise UserError(f"--lowres image '{path}' does not exist")
+    try:
+        image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    except OSError as err:
+        raise UserError(f"--lowres image '{path}' could not be read ({err})") from err
+    tensor = torch.from_numpy(image).permute(2, 0, 1)[None] / 127.5 - 1
+    return downsample_for_lowres(tensor, size)
+
+
+def _rows(args: argparse.Namespace, model: Denoiser) -> list[dict]:
+    """One dict per grid row: the condition (prompt / label) and the guidance weight."""
+    kinds = model.kinds
+    if args.prompt is not None and "text" not in kinds:
+        raise UserError(f"--prompt given, but this model's conditioning is {model.hparams.conditioning!r}")
+    if args.label is not None and "class" not in kinds:
+        raise UserError(f"--label given, but this model's conditioning is {model.hparams.conditioning!r}")
+    if "text" in kinds and not args.prompt:
+        raise UserError("this model is text-conditioned: give at least one --prompt")
+    if "class" in kinds and not args.label:
+        raise UserError("this model is class-conditioned: give at least one --label")
+    if "lowres" in kinds and not args.lowres:
+        raise UserError("this model is a super-resolution stage: give --lowres IMAGE")
+    if any(not prompt.strip() for prompt in args.prompt or []):
+        raise UserError("--prompt is empty: give the text to draw, e.g. --prompt 'a 3D rendered emoji of koala'")
+    conditions = [{"prompt": p} for p in args.prompt] if args.prompt else [{"label": k} for k in args.label or []]
+    return [{**condition, "guidance": g} for condition in (conditions or [{}])
+            for g in (args.guidance or [model.val_guidance])]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1; got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1; got {args.steps}")
+    model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint)
+    for guidance in args.guidance or []:
+        check_guidance(model.hparams.conditioning, guidance, "--guidance")
+    if args.sampler:
+        check_sampler(model.hparams.objective, args.sampler, "--sampler")
+    rows = _rows(args, model)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    model.to(device)
+    lowres = _load_lowres(args.lowres, model.hparams.lowres_size) if "lowres" in model.kinds else None
+
+    out = Path(args.out)
+    singles = out.with_suffix("")
+    singles.mkdir(parents=True, exist_ok=True)
+    images, captions = [], []
+    for index, row in enumerate(rows):
+        samples = model.generate(
+            [row["prompt"]] * args.n if "prompt" in row else None,
+            [row["label"]] * args.n if "label" in row else None,
+            lowres.expand(args.n, -1, -1, -1) if lowres is not None else None,
+            num_samples=args.n, guidance=row["guidance"], sampler=args.sampler, steps=args.steps, seed=args.seed,
+            progress=True,
+        )
+        for k, image in enumerate(to_uint8(samples)):
+            save_png(image, singles / f"row{index:02d}_{k:03d}.png")
+        images.append(samples)
+        condition = f"prompt={row['prompt']!r}" if "prompt" in row else f"label={row['label']}" if "label" in row else ""
+        captions.append(f"row {index}: {condition} guidance={row['guidance']:g}".replace(":  ", ": "))
+    columns = math.ceil(math.sqrt(args.n)) if len(rows) == 1 else args.n
+    save_png(image_grid(torch.cat(images), columns), out)
+    sampler = args.sampler or model.hparams.val_sampler
+    steps = args.steps or model.hparams.val_steps
+    header = f"{args.ckpt} sampler={sampler} steps={steps} seed={args.seed} n={args.n}"
+    out.with_suffix(".txt").write_text("\n".join([header, *captions]) + "\n")
+    print(f"wrote {out} ({len(rows)} row(s) x {args.n}), captions {out.with_suffix('.txt')}, single images in {singles}/")
+    return 0

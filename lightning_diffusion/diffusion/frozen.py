@@ -1,0 +1,67 @@
+"""Frozen sub-models of the denoiser (the VAE-GAN, the text encoder), loaded from their own checkpoints.
+
+They are held outside the module tree on purpose: not in ``parameters()`` (so never in the optimiser or DDP's
+gradient buckets), not in the denoiser's ``state_dict`` (their weights already live in their own checkpoints,
+which the denoiser's hyper-parameters name), and shared, not copied, by the EMA model's deep copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_diffusion.errors import UserError
+
+VAE_FIX = "train the VAE-GAN first: python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml"
+CLIP_FIX = "train CLIP first: python -m lightning_diffusion fit --config configs/clip/tiny.yaml"
+
+
+class Frozen:
+    """A frozen module (eval mode, no gradients) kept off the owner's module tree; moved to a device on use."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module.eval().requires_grad_(False)
+
+    def on(self, device: torch.device) -> nn.Module:
+        """The module, moved to ``device`` the first time it is used there."""
+        first = next(iter(self.module.parameters()), None)
+        if first is None:
+            first = next(iter(self.module.buffers()), None)
+        if first is not None and first.device != device:
+            self.module.to(device)
+        return self.module
+
+    def __deepcopy__(self, memo: dict) -> Frozen:
+        return self
+
+
+def _require_file(path: str | None, key: str, what: str, fix: str) -> str:
+    if not path:
+        raise UserError(f"{key} is not set: this denoiser needs the frozen {what}; {fix}")
+    if not Path(path).is_file():
+        raise UserError(f"{key} '{path}' does not exist: {fix}")
+    return path
+
+
+def load_vae(path: str | None) -> nn.Module:
+    """The frozen VAE-GAN of a latent-space denoiser (``model.vae_checkpoint``)."""
+    path = _require_file(path, "model.vae_checkpoint", "VAE-GAN", VAE_FIX)
+    from lightning_diffusion.autoencoder import VAEGAN
+
+    return VAEGAN.load_frozen(path)
+
+
+def load_text_encoder(name: str, clip_checkpoint: str | None) -> nn.Module:
+    """The frozen text encoder: the project's CLIP text tower (``model.clip_checkpoint``) or offline MiniLM."""
+    if name == "clip":
+        from lightning_diffusion.clip import CLIPTextEncoder
+
+        path = _require_file(clip_checkpoint, "model.clip_checkpoint", "CLIP text tower", CLIP_FIX)
+        return CLIPTextEncoder.from_checkpoint(path)
+    if name == "minilm":
+        from lightning_diffusion.clip import MiniLMTextEncoder
+
+        return MiniLMTextEncoder()
+    raise UserError(f"unknown model.text_encoder {name!r}: use 'clip' or 'minilm'")

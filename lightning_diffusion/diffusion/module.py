@@ -1,0 +1,386 @@
+"""The conditional denoiser as a LightningModule: pixel or latent space, text / class / low-res conditions.
+
+One training step: data ``x0`` (pixels, or ``latent_scale``-scaled latents of the frozen VAE-GAN), a condition
+(frozen text-encoder states, a class label, a low-res copy of the image), classifier-free dropping of the
+condition to the null condition with probability ``p_uncond``, then the objective's regression loss
+(``eps``/``v``/``x0`` under a VP schedule, or rectified-flow velocity). Sampling lives in :meth:`generate`, which
+validation grids, the ``sample`` command and the metrics share. EMA of the weights is Lightning's
+``EMAWeightAveraging`` callback (added by :meth:`configure_callbacks`): validation and checkpoints' ``state_dict``
+use the averaged weights; the raw ones are kept under ``current_model_state``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch import Tensor
+
+from lightning_diffusion.diffusion.conditioning import (
+    Condition, Conditioning, NullCondition, condition_kinds, downsample_for_lowres, is_guidable,
+)
+from lightning_diffusion.diffusion.frozen import Frozen, load_text_encoder, load_vae
+from lightning_diffusion.diffusion.grids import image_grid, log_grid, save_png
+from lightning_diffusion.diffusion.guidance import classifier_free_guidance
+from lightning_diffusion.diffusion.objectives import (
+    diffusion_loss, flow_interpolate, flow_velocity_target, min_snr_weight, sample_flow_time, training_target,
+)
+from lightning_diffusion.diffusion.samplers import (
+    ddim_sample, ddpm_sample, flow_euler_sample, flow_heun_sample, probability_flow_sample,
+)
+from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
+from lightning_diffusion.diffusion.unet import UNet
+from lightning_diffusion.errors import UserError
+
+Objective = Literal["eps", "v", "x0", "flow"]
+SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
+DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of koala", "a flat vector emoji of koala")
+DEFAULT_TRAIN_PROMPTS = ("a 3D rendered emoji of red apple", "a flat vector emoji of red apple")
+
+
+def check_sampler(objective: str, sampler: str, key: str = "sampler") -> None:
+    """DDPM/DDIM step a VP model; Euler/Heun integrate either the flow or the VP probability-flow ODE."""
+    if sampler not in ("ddim", "ddpm", "euler", "heun"):
+        raise UserError(f"unknown {key} {sampler!r}: use ddim, ddpm, euler or heun")
+    if objective == "flow" and sampler in ("ddim", "ddpm"):
+        raise UserError(f"{key} {sampler!r} needs a DDPM-style model but this one uses the flow objective: "
+                        f"use euler or heun")
+
+
+def check_guidance(conditioning: str, guidance: float, key: str = "guidance") -> None:
+    """Guidance contrasts a text/class condition with the null one; a model without such a condition has none."""
+    if guidance < 0:
+        raise UserError(f"{key} must be >= 0 (1 = plain conditional sampling); got {guidance}")
+    if guidance != 1 and not is_guidable(conditioning):
+        raise UserError(f"{key} {guidance} needs a text- or class-conditioned model, but this one's conditioning is "
+                        f"{conditioning!r}: use {key} 1")
+
+
+def uncond_drop_mask(batch_size: int, p_uncond: float, seed: int, step: int, batch_idx: int, rank: int) -> Tensor:
+    """Bernoulli(``p_uncond``) drops of the condition, seeded by (seed, step, batch_idx, rank): a rerun or resumed
+    run drops the same samples, every rank follows the same rule, and ranks (holding different data) draw apart."""
+    key = [seed, step, batch_idx, rank]
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+    return torch.rand(batch_size, generator=generator) < p_uncond
+
+
+class Denoiser(LightningModule):
+    """A U-Net denoiser trained with one of four objectives; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        objective: Objective = "eps",
+        schedule: ScheduleName = "cosine",
+        num_timesteps: int = 1000,
+        min_snr_gamma: float | None = None,
+        space: Literal["pixel", "latent"] = "pixel",
+        vae_checkpoint: str | None = None,
+        conditioning: Conditioning = "text",
+        text_encoder: Literal["clip", "minilm"] = "minilm",
+        clip_checkpoint: str | None = None,
+        num_classes: int | None = None,
+        lowres_size: int | None = None,
+        p_uncond: float = 0.1,
+        base_channels: int = 64,
+        channel_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: tuple[int, ...] = (16,),
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.999,
+        val_sampler: SamplerName = "ddim",
+        val_steps: int = 50,
+        val_guidance: float | None = None,
+        heldout_prompts: tuple[str, ...] = DEFAULT_HELDOUT_PROMPTS,
+        train_prompts: tuple[str, ...] = DEFAULT_TRAIN_PROMPTS,
+        val_labels: tuple[int, ...] = (0, 1, 2, 3),
+        samples_per_prompt: int = 4,
+        grid_every_n_steps: int = 1000,
+        val_timesteps: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.kinds = condition_kinds(conditioning)
+        self.guidable = is_guidable(conditioning)
+        self.val_guidance = (3.0 if self.guidable else 1.0) if val_guidance is None else val_guidance
+        self._check_arguments()
+        self.schedule = make_schedule(schedule, num_timesteps)
+
+        self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
+        self._text_encoder = Frozen(load_text_encoder(text_encoder, clip_checkpoint)) if "text" in self.kinds else None
+        text_width = pooled_dim = None
+        if self._text_encoder is not None:
+            self.tokenizer = self._text_encoder.module.tokenizer  # the DataModule's tokenizer hook
+            probe_states, probe_pooled = self._text_encoder.module(self.tokenizer([""]))
+            text_width, pooled_dim = probe_states.shape[-1], probe_pooled.shape[-1]
+        self.sample_shape = self._diffusion_input_shape()
+        if self.sample_shape[-1] % 2 ** (len(channel_mult) - 1):
+            raise UserError(f"the diffusion input is {self.sample_shape[-1]} px, not divisible by 2^"
+                            f"{len(channel_mult) - 1} (one halving per extra entry of model.channel_mult): change "
+                            f"model.image_size or model.channel_mult")
+
+        self.unet = UNet(
+            in_channels=self.sample_shape[0], image_size=self.sample_shape[-1], base_channels=base_channels,
+            channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
+            num_heads=num_heads, dropout=dropout, context_dim=text_width, pooled_dim=pooled_dim,
+            num_classes=num_classes if "class" in self.kinds else None,
+            lowres_channels=3 if "lowres" in self.kinds else 0, gradient_checkpointing=gradient_checkpointing,
+        )
+        self.null = NullCondition(conditioning, text_width, pooled_dim, num_classes)
+        self._grid_step: int | None = None
+        self._reference: dict[str, Any] | None = None
+
+    def _check_arguments(self) -> None:
+        hp = self.hparams
+        check_sampler(hp.objective, hp.val_sampler, "model.val_sampler")
+        check_guidance(hp.conditioning, self.val_guidance, "model.val_guidance")
+        if not 0 <= hp.p_uncond < 1:
+            raise UserError(f"model.p_uncond must be in [0, 1); got {hp.p_uncond}")
+        if "class" in self.kinds and not (hp.num_classes and hp.num_classes > 0):
+            raise UserError("class conditioning needs model.num_classes (the number of labels in the data)")
+        if "lowres" in self.kinds and not (hp.lowres_size and 0 < hp.lowres_size < hp.image_size):
+            raise UserError(f"low-res conditioning needs model.lowres_size below model.image_size "
+                            f"({hp.image_size}); got {hp.lowres_size}")
+        if hp.val_steps < 1 or hp.val_timesteps < 1 or hp.samples_per_prompt < 1 or hp.grid_every_n_steps < 1:
+            raise UserError("model.val_steps, val_timesteps, samples_per_prompt and grid_every_n_steps must be >= 1")
+
+    def _diffusion_input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` the U-Net denoises: the image, or the VAE latent of an image of ``image_size``."""
+        size = self.hparams.image_size
+        if self._vae is None:
+            return (3, size, size)
+        with torch.no_grad():
+            return tuple(self._vae.module.encode(torch.zeros(1, 3, size, size)).mode().shape[1:])
+
+    # ---------------------------------------------------------------- network, data and conditions
+    def forward(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
+        """The U-Net's prediction; flow time in [0, 1] is scaled to [0, 1000] like the VP timesteps."""
+        t = t.float() * 1000 if self.hparams.objective == "flow" else t.float()
+        return self.unet(x_t, t, **condition)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, sample: bool = True) -> Tensor:
+        """Images in [-1, 1] to diffusion space: themselves, or scaled VAE latents (posterior sample or mode)."""
+        if self._vae is None:
+            return images
+        vae = self._vae.on(self.device)
+        posterior = vae.encode(images)
+        return (posterior.sample() if sample else posterior.mode()) * vae.latent_scale
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        """Diffusion space back to images in [-1, 1]."""
+        if self._vae is None:
+            return x.clamp(-1, 1)
+        vae = self._vae.on(self.device)
+        return vae.decode(x / vae.latent_scale).clamp(-1, 1)
+
+    def batch_x0(self, batch: dict[str, Any], sample: bool = True) -> Tensor:
+        """The clean data of a batch; a pre-encoded ``latent`` entry (unscaled VAE latents) skips the encoder."""
+        if self._vae is not None and "latent" in batch:
+            return batch["latent"] * self._vae.on(self.device).latent_scale
+        if "image" not in batch:
+            raise UserError("the batches carry no `image` (nor `latent` for a latent model): check data.train_urls")
+        return self.encode_images(batch["image"], sample)
+
+    @torch.no_grad()
+    def text_condition(self, tokens: Tensor) -> Condition:
+        """Frozen text-encoder states, their padding mask (token id 0 is padding) and the pooled embedding."""
+        encoder = self._text_encoder.on(self.device)
+        tokens = tokens.to(self.device)
+        states, pooled = encoder(tokens)
+        mask = tokens != 0
+        mask[:, 0] = True
+        return {"context": states, "context_mask": mask, "pooled": pooled}
+
+    def make_condition(self, captions: list[str] | None = None, labels: Tensor | None = None,
+                       lowres: Tensor | None = None, tokens: Tensor | None = None) -> Condition:
+        """The U-Net condition for the model's kinds; each needed input must be given."""
+        condition: Condition = {}
+        if "text" in self.kinds:
+            if tokens is None:
+                if captions is None:
+                    raise UserError("this denoiser is text-conditioned: give captions (prompts)")
+                tokens = self.tokenizer(list(captions))
+            condition.update(self.text_condition(tokens))
+        if "class" in self.kinds:
+            if labels is None:
+                raise UserError("this denoiser is class-conditioned: give labels (the batches need `label`)")
+            labels = torch.as_tensor(labels, device=self.device).long()
+            if labels.min() < 0 or labels.max() >= self.hparams.num_classes:
+                raise UserError(f"class labels must be in [0, {self.hparams.num_classes}); got {labels.tolist()}")
+            condition["label"] = labels
+        if "lowres" in self.kinds:
+            if lowres is None:
+                raise UserError("this denoiser is a super-resolution stage: give the low-resolution image")
+            condition["lowres"] = lowres.to(self.device)
+        return condition
+
+    def batch_condition(self, batch: dict[str, Any]) -> Condition:
+        lowres = None
+        if "lowres" in self.kinds:
+            lowres = downsample_for_lowres(batch["image"], self.hparams.lowres_size)
+        return self.make_condition(batch.get("caption"), batch.get("label"), lowres, batch.get("tokens"))
+
+    # ---------------------------------------------------------------- training
+    def drop_mask(self, batch_size: int, batch_idx: int) -> Tensor:
+        """Which samples of this batch train unconditionally (see :func:`uncond_drop_mask`)."""
+        mask = uncond_drop_mask(batch_size, self.hparams.p_uncond, self.hparams.seed, self.global_step, batch_idx,
+                                self.global_rank)
+        return mask.to(self.device)
+
+    def loss_at(self, x0: Tensor, noise: Tensor, t: Tensor, condition: Condition, weighted: bool = True) -> Tensor:
+        """The objective's loss for data ``x0``, noise and times ``t`` (integer steps, or flow time in [0, 1])."""
+        hp = self.hparams
+        if hp.objective == "flow":
+            x_t, target, weight = flow_interpolate(noise, x0, t), flow_velocity_target(noise, x0), None
+        else:
+            x_t = self.schedule.add_noise(x0, noise, t)
+            target = training_target(hp.objective, x0, noise, self.schedule, t)
+            weight = None
+            if weighted and hp.min_snr_gamma:
+                weight = min_snr_weight(self.schedule, t, hp.min_snr_gamma, hp.objective)
+        return diffusion_loss(self(x_t, t, condition), target, weight)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x0 = self.batch_x0(batch)
+        condition = self.batch_condition(batch)
+        if self.guidable and self.hparams.p_uncond > 0:
+            condition = self.null.drop(condition, self.drop_mask(x0.shape[0], batch_idx))
+        if self.hparams.objective == "flow":
+            t = sample_flow_time(x0.shape[0], None, self.device)
+        else:
+            t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=self.device)
+        loss = self.loss_at(x0, torch.randn_like(x0), t, condition)
+        if not torch.isfinite(loss):
+            raise UserError(f"the training loss is {loss.item()} at step {self.global_step}: lower model.lr, or use "
+                            f"trainer.precision 32-true / bf16-mixed instead of 16-mixed")
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[Any]:
+        """EMA of the weights via Lightning's callback, updated after every optimiser step."""
+        return [EMAWeightAveraging(decay=self.hparams.ema_decay)] if self.hparams.ema_decay else []
+
+    # ---------------------------------------------------------------- validation
+    def fixed_times(self) -> Tensor:
+        """``val_timesteps`` evenly spread times (bin centres), the same in every run."""
+        centres = (torch.arange(self.hparams.val_timesteps, dtype=torch.float64) + 0.5) / self.hparams.val_timesteps
+        if self.hparams.objective == "flow":
+            return centres.float()
+        return (centres * self.schedule.num_timesteps).long()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x0 = self.batch_x0(batch, sample=False)
+        condition = self.batch_condition(batch)
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
+        losses = []
+        for time in self.fixed_times().tolist():
+            noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+            t = torch.full((x0.shape[0],), time, device=self.device)
+            losses.append(self.loss_at(x0, noise, t, condition, weighted=False))
+            label = f"{time:.3f}" if self.hparams.objective == "flow" else str(time)
+            self.log(f"val/loss_t{label}", losses[-1], batch_size=x0.shape[0], sync_dist=True)
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+        if batch_idx == 0 and self._reference is None:
+            n = self.hparams.samples_per_prompt * 2
+            self._reference = {key: batch[key][:n] for key in ("image", "caption", "label") if key in batch}
+
+    def on_validation_epoch_end(self) -> None:
+        due = self._grid_step is None or self.global_step - self._grid_step >= self.hparams.grid_every_n_steps
+        if self.trainer.sanity_checking or not due or not self.trainer.is_global_zero:
+            return
+        self._grid_step = self.global_step
+        for name, (images, captions, columns) in self.validation_grids().items():
+            grid = image_grid(images, columns)
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = save_png(grid, root / "samples" / f"{name}_step{self.global_step:07d}.png")
+            path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
+            log_grid(self.logger, f"samples/{name}", grid, self.global_step, " | ".join(dict.fromkeys(captions)))
+
+    def validation_grids(self) -> dict[str, tuple[Tensor, list[str], int]]:
+        """Grids of the fixed prompts (held-out and training concepts), labels or low-res references."""
+        hp, k = self.hparams, self.hparams.samples_per_prompt
+        grids = {}
+        if "lowres" in self.kinds and self._reference is not None:
+            ref = self._reference
+            lowres = downsample_for_lowres(ref["image"].to(self.device), hp.lowres_size)
+            images = self.generate(ref.get("caption"), ref.get("label"), lowres)
+            grids["lowres"] = (torch.cat([images, ref["image"].to(images)]), list(ref.get("caption", [])), len(images))
+        elif "text" in self.kinds:
+            for name, prompts in (("heldout", hp.heldout_prompts), ("train", hp.train_prompts)):
+                captions = [p for p in prompts for _ in range(k)]
+                grids[name] = (self.generate(captions), captions, k)
+        elif "class" in self.kinds:
+            labels = [label for label in hp.val_labels for _ in range(k)]
+            grids["labels"] = (self.generate(labels=labels), [f"label {label}" for label in labels], k)
+        elif not self.kinds:
+            grids["unconditional"] = (self.generate(num_samples=k * 4), [], k)
+        return grids
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: list[str] | None = None,
+        labels: list[int] | Tensor | None = None,
+        lowres: Tensor | None = None,
+        num_samples: int | None = None,
+        *,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images in [-1, 1], one per caption / label / low-res image (``num_samples`` for an unconditional
+        model), with the validation defaults unless overridden. The same seed gives the same images."""
+        hp = self.hparams
+        guidance = self.val_guidance if guidance is None else guidance
+        sampler, steps = sampler or hp.val_sampler, hp.val_steps if steps is None else steps
+        check_sampler(hp.objective, sampler)
+        check_guidance(hp.conditioning, guidance)
+        if steps < 1:
+            raise UserError(f"sampling steps must be >= 1; got {steps}")
+        condition = self.make_condition(captions, labels, lowres)
+        sizes = [len(v) for v in (captions, labels, lowres) if v is not None]
+        n = sizes[0] if sizes else num_samples
+        if not n:
+            raise UserError("nothing to sample: give captions, labels, low-res images or num_samples")
+        if self.guidable:
+            model_fn = classifier_free_guidance(self.forward, condition, self.null.null_like(condition), guidance)
+        else:
+            def model_fn(x: Tensor, t: Tensor) -> Tensor:
+                return self(x, t, condition)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        common = {"generator": generator, "progress": progress, "device": self.device}
+        shape = (n, *self.sample_shape)
+        clip = 1.0 if self._vae is None else None
+        if hp.objective == "flow":
+            flow = flow_euler_sample if sampler == "euler" else flow_heun_sample
+            x = flow(model_fn, shape, steps, **common)
+        elif sampler == "ddim":
+            x = ddim_sample(model_fn, shape, self.schedule, hp.objective, steps=steps, clip_x0=clip, **common)
+        elif sampler == "ddpm":
+            x = ddpm_sample(model_fn, shape, self.schedule, hp.objective, steps=steps, clip_x0=clip, **common)
+        else:
+            x = probability_flow_sample(model_fn, shape, self.schedule, hp.objective, steps, method=sampler,
+                                        clip_x0=clip, **common)
+        return self.decode(x)

@@ -1,0 +1,138 @@
+"""The Denoiser LightningModule: objectives learn, classifier-free dropping, EMA, checkpoints, argument checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from denoiser_support import TINY_UNET, fixed_batch, loader, trainer, use_toy_text_encoder
+
+from lightning_diffusion.diffusion.module import Denoiser, uncond_drop_mask
+from lightning_diffusion.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _toy_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_toy_text_encoder(monkeypatch)
+
+
+def fixed_loss(model: Denoiser, batch: dict) -> float:
+    """The deterministic validation loss (fixed times, fixed noise) on one batch."""
+    model.eval()
+    with torch.no_grad():
+        x0, condition = model.batch_x0(batch, sample=False), model.batch_condition(batch)
+        generator = torch.Generator().manual_seed(123)
+        losses = [model.loss_at(x0, torch.randn(x0.shape, generator=generator),
+                                torch.full((x0.shape[0],), t), condition, weighted=False)
+                  for t in model.fixed_times().tolist()]
+    return torch.stack(losses).mean().item()
+
+
+@pytest.mark.parametrize(("objective", "conditioning"), [("eps", "text"), ("v", "class"), ("flow", "none")])
+def test_training_steps_decrease_the_loss(tmp_path: Path, objective: str, conditioning: str) -> None:
+    torch.manual_seed(0)
+    model = Denoiser(**TINY_UNET, objective=objective, conditioning=conditioning, num_classes=3, lr=2e-3,
+                     ema_decay=None, val_sampler="euler" if objective == "flow" else "ddim", p_uncond=0.1)
+    batch = fixed_batch()
+    before = fixed_loss(model, batch)
+    model.train()
+    trainer(tmp_path, max_steps=30).fit(model, loader(batch, 30))
+    after = fixed_loss(model, batch)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_null_condition_is_used_with_frequency_p_uncond(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Denoiser(**TINY_UNET, conditioning="class", num_classes=3, p_uncond=0.25, ema_decay=None)
+    seen: list[torch.Tensor] = []
+    model.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["label"].clone()),
+                                         with_kwargs=True)
+    trainer(tmp_path, max_steps=20).fit(model, loader(fixed_batch(batch_size=32), 20))
+    labels = torch.cat(seen)
+    assert labels.numel() == 640
+    null_fraction = (labels == 3).float().mean().item()  # index num_classes is the null class
+    assert abs(null_fraction - 0.25) < 0.06, null_fraction
+
+
+def test_drop_mask_is_a_function_of_seed_step_batch_and_rank() -> None:
+    masks = torch.stack([uncond_drop_mask(64, 0.1, seed=0, step=s, batch_idx=0, rank=0) for s in range(200)])
+    assert abs(masks.float().mean().item() - 0.1) < 0.01
+    again = uncond_drop_mask(64, 0.1, seed=0, step=7, batch_idx=0, rank=0)
+    assert torch.equal(again, masks[7])
+    other_rank = uncond_drop_mask(64, 0.1, seed=0, step=7, batch_idx=0, rank=1)
+    assert not torch.equal(other_rank, masks[7])
+
+
+def test_ema_weights_differ_from_raw_and_are_what_the_checkpoint_samples_with(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Denoiser(**TINY_UNET, conditioning="class", num_classes=3, ema_decay=0.9, lr=1e-3)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=6)
+    trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[saver]).fit(model, loader(fixed_batch(), 6))
+    path = tmp_path / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)  # plain hyper-parameters and tensors only
+    key = "unet.out.2.weight"
+    assert not torch.allclose(checkpoint["state_dict"][key], checkpoint["current_model_state"][key])
+
+    from lightning_diffusion.commands.sample import load_denoiser
+
+    loaded = load_denoiser(path)
+    torch.testing.assert_close(loaded.unet.out[2].weight, checkpoint["state_dict"][key])
+    first = loaded.generate(labels=[0, 1], steps=3, seed=5)
+    assert first.shape == (2, 3, 16, 16) and first.abs().max() <= 1
+    assert torch.equal(first, loaded.generate(labels=[0, 1], steps=3, seed=5))
+    assert not torch.equal(first, loaded.generate(labels=[0, 1], steps=3, seed=6))
+
+
+def test_frozen_text_encoder_is_not_trained_saved_or_optimised(tmp_path: Path) -> None:
+    model = Denoiser(**TINY_UNET, conditioning="text")
+    assert model.tokenizer(["a koala"]).dtype == torch.long
+    assert not any(name.startswith("_text_encoder") or "embed.weight" == name for name in model.state_dict())
+    assert all(p.requires_grad for p in model.parameters())
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+
+
+def test_validation_logs_a_deterministic_loss_and_writes_grids(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Denoiser(**TINY_UNET, conditioning="text", ema_decay=None, heldout_prompts=("a flat emoji of koala",),
+                     train_prompts=("a 3D rendered emoji of apple",))
+    batch = fixed_batch()
+    run = trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2)
+    run.fit(model, loader(batch, 2), loader(batch, 1))
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    assert grids == ["heldout_step0000002.png", "train_step0000002.png"]
+    first = run.validate(model, loader(batch, 1), verbose=False)[0]["val/loss"]
+    second = run.validate(model, loader(batch, 1), verbose=False)[0]["val/loss"]
+    assert first == second
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(objective="flow", val_sampler="ddim"), "model.val_sampler 'ddim'"),
+        (dict(conditioning="none", val_guidance=3.0), "model.val_guidance"),
+        (dict(conditioning="lowres", lowres_size=8, val_guidance=2.0), "model.val_guidance"),
+        (dict(image_size=18, channel_mult=(1, 2, 2)), "not divisible by 2^2"),
+        (dict(space="latent"), "model.vae_checkpoint"),
+        (dict(space="latent", vae_checkpoint="missing/last.ckpt"), "fit --config configs/vae_gan/tiny.yaml"),
+        (dict(conditioning="class"), "model.num_classes"),
+        (dict(conditioning="lowres", lowres_size=16), "model.lowres_size"),
+        (dict(p_uncond=1.0), "model.p_uncond"),
+    ],
+)
+def test_bad_combinations_are_user_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message.replace("^", r"\^")):
+        Denoiser(**{**TINY_UNET, "conditioning": "none", **overrides})
+
+
+def test_clip_text_encoder_needs_its_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_diffusion.diffusion.frozen as frozen
+    import lightning_diffusion.diffusion.module as module
+
+    monkeypatch.setattr(module, "load_text_encoder", frozen.load_text_encoder)
+    with pytest.raises(UserError, match="model.clip_checkpoint"):
+        Denoiser(**TINY_UNET, conditioning="text", text_encoder="clip")
