@@ -35,7 +35,7 @@ def recall_at_k(similarity: torch.Tensor, query_ids: torch.Tensor, gallery_ids: 
     top = similarity.topk(k_max, dim=1).indices
     hits = gallery_ids.to(top.device)[top] == query_ids.to(top.device)[:, None]
     first_hit = torch.where(hits.any(dim=1), hits.float().argmax(dim=1), torch.full_like(top[:, 0], k_max))
-    return {k: (first_hit < min(k, k_max)).float().mean().item() for k in ks}
+    return {k: int((first_hit < min(k, k_max)).sum()) / len(first_hit) for k in ks}
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, ids: torch.Tensor,
