@@ -178,7 +178,8 @@ def test_ddpm_sample_matches_diffusers_loop() -> None:
     schedule = make_schedule("linear")
     model_fn = exact_eps(schedule, "v")
     start = x_T(2, 64)
-    reference = in_float64(DDPMScheduler(num_train_timesteps=T, clip_sample=False, prediction_type="v_prediction"), schedule)
+    reference = DDPMScheduler(num_train_timesteps=T, clip_sample=False, prediction_type="v_prediction")
+    reference = in_float64(reference, schedule)
     generator = torch.Generator().manual_seed(6)
     x = start
     for t in reference.timesteps:

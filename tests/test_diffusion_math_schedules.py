@@ -189,7 +189,7 @@ def test_diffusion_loss_is_weighted_mean_of_per_sample_mse() -> None:
 def test_prediction_typo_is_a_user_error() -> None:
     schedule = make_schedule("linear")
     with pytest.raises(UserError, match="prediction"):
-        training_target("epsilon", torch.zeros(1, 2), torch.zeros(1, 2), schedule, torch.tensor([1]))  # type: ignore[arg-type]
+        training_target("epsilon", torch.zeros(1, 2), torch.zeros(1, 2), schedule, torch.tensor([1]))  # type: ignore
 
 
 def test_flow_interpolation_ends_and_velocity_is_its_time_derivative() -> None:

@@ -237,10 +237,10 @@ def probability_flow_sigmas(
     """The decreasing float64 sigma grid of :func:`probability_flow_sample`, ending with 0.
 
     ``karras``: EDM's rho-spaced levels from ``min(sigma_max, the schedule's largest)`` down to the schedule's
-    smallest sigma. EDM's 80 (signal rate 0.0125, below the linear schedule's 157 at t = T-1 only in name) saves
-    the steps the cosine schedule's ~2e4 tail would spend; ``None`` starts at the schedule's top.
-    ``timesteps``: the sigmas of ``ddim_timesteps(T, steps, spacing)``. ``quantize`` snaps each level to the nearest discrete step's
-    sigma (in log sigma) and drops repeats, so the model only ever sees integer timesteps.
+    smallest sigma. EDM's 80 (signal rate 1/80, near the linear schedule's 1/157 at t = T-1) saves the steps
+    the cosine schedule's ~2e4 tail would spend; ``None`` starts at the schedule's top.
+    ``timesteps``: the sigmas of ``ddim_timesteps(T, steps, spacing)``. ``quantize`` snaps each level to the
+    nearest discrete step's sigma (in log sigma) and drops repeats, so the model only sees integer timesteps.
     """
     if grid == "karras":
         top = float(schedule.sigmas[-1]) if sigma_max is None else min(sigma_max, float(schedule.sigmas[-1]))

@@ -118,7 +118,8 @@ class NoiseSchedule:
         return low + w
 
     def __repr__(self) -> str:
-        return f"NoiseSchedule(num_timesteps={self.num_timesteps}, beta[0]={self.betas[0]:.3g}, beta[-1]={self.betas[-1]:.3g})"
+        first, last = self.betas[0].item(), self.betas[-1].item()
+        return f"NoiseSchedule(num_timesteps={self.num_timesteps}, betas={first:.3g}..{last:.3g})"
 
 
 def make_schedule(name: ScheduleName, num_timesteps: int = 1000) -> NoiseSchedule:
