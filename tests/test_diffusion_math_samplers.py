@@ -204,6 +204,35 @@ def test_ddim_eta0_is_deterministic_and_seeds_fix_stochastic_samplers() -> None:
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_respaced_ddpm_is_ddim_with_eta_one_on_the_same_timesteps() -> None:
+    """With beta_t = 1 - abar_t / abar_prev the respaced posterior step is DDIM's eta = 1 step (Song et al. 2021)."""
+    schedule = make_schedule("cosine")
+    model_fn = exact_eps(schedule, "x0")
+    start = x_T(4, 64)
+    kwargs = {"x_T": start, "dtype": torch.float64}
+    ddpm = ddpm_sample(model_fn, start.shape, schedule, "x0", generator=torch.Generator().manual_seed(9), steps=20,
+                       spacing="trailing", **kwargs)
+    ddim = ddim_sample(model_fn, start.shape, schedule, "x0", 20, 1.0, torch.Generator().manual_seed(9),
+                       spacing="trailing", **kwargs)
+    torch.testing.assert_close(ddpm, ddim, rtol=0, atol=1e-12)
+
+
+def test_low_precision_model_outputs_keep_a_float32_state_and_progress_bars_run(capsys) -> None:
+    schedule = make_schedule("linear")
+
+    def bf16_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return exact_eps(schedule)(x, t).bfloat16()
+
+    start = x_T(5, 8).float()
+    for x in (ddim_sample(bf16_model, start.shape, schedule, "eps", 5, x_T=start, progress=True),
+              ddpm_sample(bf16_model, start.shape, schedule, "eps", x_T=start, steps=5, progress=True),
+              probability_flow_sample(bf16_model, start.shape, schedule, "eps", 5, x_T=start, progress=True),
+              flow_heun_sample(lambda x, t: gaussian_velocity(x, t).bfloat16(), start.shape, 5, x_0=start,
+                               progress=True)):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert "DDIM" in capsys.readouterr().err
+
+
 # recovering a Gaussian with its exact denoiser ----------------------------------------------------------------
 
 
