@@ -1,0 +1,1 @@
+"""Project commands beside LightningCLI's: sample, evaluate, compare, sweep, pipeline."""
