@@ -38,10 +38,12 @@ echo "[launch] job ${job_key} restart ${SLURM_RESTART_COUNT:-0}: run ${RUN_ID}, 
      "x ${SLURM_NTASKS_PER_NODE} task(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run folder ${RUN_DIR}," \
      "resume args: ${RESUME_ARGS[*]:-none, Lightning restores an hpc checkpoint itself}"
 
-# `srun` starts one process per task; Lightning's SLURMEnvironment reads the ranks from SLURM's variables
-# and handles --signal=SIGUSR1 (save hpc_ckpt, requeue). Without `B:` the signal reaches these processes.
+# `srun` starts one process per task; Lightning's SLURMEnvironment reads the ranks from SLURM's variables.
+# --signal=SIGUSR1 (without `B:`, so it reaches these processes) is handled by RequeueOnSignal: hpc_ckpt
+# saved by all ranks at a step boundary, then `scontrol requeue` (Lightning's in-handler save can hang DDP).
 srun --kill-on-bad-exit=1 python -m lightning_diffusion fit \
   "${CONFIG_ARGS[@]}" \
+  --trainer.callbacks+=lightning_diffusion.slurm_requeue.RequeueOnSignal \
   --trainer.default_root_dir "$RUN_DIR" \
   --trainer.num_nodes "$SLURM_JOB_NUM_NODES" \
   --trainer.devices "$SLURM_NTASKS_PER_NODE" \

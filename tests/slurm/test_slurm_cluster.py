@@ -1,0 +1,154 @@
+"""The sbatch templates and the sweep command on a real (local) SLURM cluster.
+
+A tiny model (tests/slurm/tiny_model.py, config tests/slurm/tiny.yaml) trains with DDP over 2 CPU processes
+(gloo), launched exactly as on a GPU cluster: `sbatch slurm/*.sbatch`, `srun`, Lightning's SLURMEnvironment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slurm_cluster import REPO, Cluster
+
+pytestmark = pytest.mark.slurm
+
+MAX_STEPS = 800  # ~10 s of training here: long enough to signal a run mid-way
+SIGNAL_AT = 100
+CLUSTER = "localcluster"  # ClusterName in slurm/local/start.sh's slurm.conf
+ONE_NODE_2_TASKS = ["--gpus-per-node=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
+
+
+def markers(text: str) -> list[str]:
+    return [line.split(" ", 3)[3] for line in text.splitlines() if line.startswith("[marker] ")]
+
+
+def marker_values(text: str, prefix: str) -> list[dict[str, str]]:
+    return [dict(re.findall(r"(\w+)=(\S*)", m)) for m in markers(text) if m.startswith(prefix)]
+
+
+def global_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+@dataclass
+class FitJob:
+    job_id: str
+    record: dict[str, str]
+    log: str
+    run_dir: Path
+
+
+def submit_fit(cluster: Cluster, tmp: Path, signal_at: int | None = None) -> FitJob:
+    """`sbatch slurm/fit.sbatch` with the tiny config; with `signal_at`, `scancel --signal=USR1` at that step."""
+    output = tmp / "fit-%j.out"
+    env = cluster.job_env(CONFIG="tests/slurm/tiny.yaml", RUNS=str(tmp / "runs"))
+    job_id = cluster.sbatch(*ONE_NODE_2_TASKS, f"--output={output}", "slurm/fit.sbatch",
+                            "--trainer.max_steps", str(MAX_STEPS), env=env)
+    log_path = tmp / f"fit-{job_id}.out"
+    if signal_at is not None:
+        deadline = time.monotonic() + 120
+        while not (log_path.exists() and f"step={signal_at}\n" in log_path.read_text()):
+            assert time.monotonic() < deadline, f"job {job_id} never reached step {signal_at}"
+            assert cluster.jobs(job_id)[0]["JobState"] in ("PENDING", "RUNNING"), cluster.jobs(job_id)
+            time.sleep(0.1)
+        cluster.run("scancel", "--signal=USR1", job_id)
+    (record,) = cluster.wait(job_id, timeout=240, output=log_path)
+    return FitJob(job_id, record, log_path.read_text(), tmp / "runs" / f"{CLUSTER}-{job_id}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> FitJob:
+    return submit_fit(slurm_cluster, tmp_path_factory.mktemp("fit"))
+
+
+def test_fit_sbatch_trains_with_ddp_and_checkpoints(uninterrupted: FitJob) -> None:
+    job = uninterrupted
+    assert job.record["JobState"] == "COMPLETED", job.log[-3000:]
+    assert job.record["Restarts"] == "0"
+    ranks = marker_values(job.log, "rank=")
+    assert sorted(r["rank"] for r in ranks) == ["0", "1"]
+    assert {r["world"] for r in ranks} == {"2"} and {r["node"] for r in ranks} == {"0"}
+    (start,) = marker_values(job.log, "start ")
+    assert start["step"] == "0" and start["run_id"] == job.run_dir.name
+    assert global_step(next(job.run_dir.rglob("last.ckpt"))) == MAX_STEPS
+    saved = yaml.safe_load((job.run_dir / "config.yaml").read_text())["trainer"]
+    assert (str(saved["devices"]), saved["num_nodes"]) == ("2", 1)  # devices: int | str | list, "2" = 2 devices
+    assert Path(saved["default_root_dir"]) == job.run_dir
+    (wandb_run,) = (job.run_dir / "wandb").glob("offline-run-*")
+    assert wandb_run.name.endswith(f"-{job.run_dir.name}")
+
+
+def test_usr1_checkpoints_requeues_and_resumes_same_run(slurm_cluster: Cluster, tmp_path: Path,
+                                                        uninterrupted: FitJob) -> None:
+    job = submit_fit(slurm_cluster, tmp_path, signal_at=SIGNAL_AT)
+    assert job.record["JobState"] == "COMPLETED", job.log[-3000:]
+    assert job.record["Restarts"] == "1", job.log[-3000:]
+    assert f"requeued SLURM job {job.job_id}" in job.log
+
+    (hpc,) = job.run_dir.glob("hpc_ckpt_*.ckpt")
+    saved_step = global_step(hpc)
+    assert job.log.count(f"SIGUSR1 received: saving {hpc} at step {saved_step}") == 2  # both ranks, same step
+    assert SIGNAL_AT <= saved_step < MAX_STEPS
+    first, second = marker_values(job.log, "start ")
+    assert (first["step"], second["step"]) == ("0", str(saved_step)), "the requeued run did not resume"
+    assert first["run_id"] == second["run_id"] == job.run_dir.name
+    assert f"Restoring states from the checkpoint path at {hpc}" in job.log
+    wandb_runs = sorted((job.run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(r.name.endswith(f"-{job.run_dir.name}") for r in wandb_runs)
+
+    final = global_step(next(job.run_dir.rglob("last.ckpt")))
+    assert final == global_step(next(uninterrupted.run_dir.rglob("last.ckpt"))) == MAX_STEPS
+
+
+def test_sweep_submits_job_array_in_one_group(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    sweep_file = tmp_path / "lr-channels.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "lr-channels", "config": "tests/slurm/tiny.yaml", "method": "grid", "max_parallel": 2,
+        "parameters": {"model.init_args.lr": [1.0e-3, 3.0e-4], "model.init_args.channels": [8, 16],
+                       "trainer.max_steps": [30], "trainer.strategy": ["auto"]},
+        "sbatch": ["--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"],
+    }))
+    env = slurm_cluster.job_env()
+    result = subprocess.run([sys.executable, "-m", "lightning_diffusion", "sweep", str(sweep_file), "--submit",
+                             "--out", str(tmp_path / "sweeps")], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    array_id = result.stdout.strip().splitlines()[-1]
+    (sweep_dir,) = (tmp_path / "sweeps").iterdir()
+    records = slurm_cluster.wait(array_id, timeout=240)
+    logs = {i: (sweep_dir / f"slurm-{array_id}_{i}.out").read_text() for i in range(4)}
+    assert sorted(r["ArrayTaskId"] for r in records) == ["0", "1", "2", "3"]
+    assert all(r["JobState"] == "COMPLETED" for r in records), records
+    assert {r["ArrayTaskThrottle"] for r in records} == {"2"}
+
+    tasks = [json.loads(line)["overrides"] for line in (sweep_dir / "tasks.jsonl").read_text().splitlines()]
+    assert sorted((t["model.init_args.lr"], t["model.init_args.channels"]) for t in tasks) == [
+        (3.0e-4, 8), (3.0e-4, 16), (1.0e-3, 8), (1.0e-3, 16)]
+    spans = []
+    for i, task in enumerate(tasks):
+        (start,) = marker_values(logs[i], "start ")
+        run_id = f"{CLUSTER}-{array_id}_{i}"
+        assert start["run_id"] == run_id and start["group"] == sweep_dir.name, logs[i][-2000:]
+        assert (float(start["lr"]), int(start["channels"])) == (task["model.init_args.lr"], task["model.init_args.channels"])
+        run_dir = sweep_dir / "runs" / run_id
+        assert global_step(next(run_dir.rglob("last.ckpt"))) == 30
+        (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+        assert sweep_dir.name.encode() in next(wandb_run.glob("run-*.wandb")).read_bytes()
+        spans.append(_span(logs[i]))
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2, spans
+
+
+def _span(log: str) -> tuple[float, float]:
+    """Wall-clock (first, last) marker time of one task."""
+    times = [float(line.split()[1][2:]) for line in log.splitlines() if line.startswith("[marker] t=")]
+    return min(times), max(times)
