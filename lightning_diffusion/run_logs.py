@@ -41,6 +41,7 @@ class RunLog:
     config: dict[str, Any] = field(default_factory=dict)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     images: list[str] = field(default_factory=list)  # image keys logged (W&B)
+    finished: bool = True  # W&B: the run's exit record is written (False while running, or after a crash)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -108,6 +109,7 @@ def read_wandb_run(run_file: Path, run: RunLog | None = None) -> RunLog:
     """Read one `run-<id>.wandb` into `run` (or a new `RunLog`): config, group, name, scalar history."""
     run = run or RunLog(path=run_file.parent, name=run_file.stem, run_id=run_file.stem.removeprefix("run-"),
                         kind="wandb")
+    finished = False
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -116,6 +118,8 @@ def read_wandb_run(run_file: Path, run: RunLog | None = None) -> RunLog:
             run.group = record.run.run_group or run.group
             run.tags = list(record.run.tags) or run.tags
             run.config.update(_config_items(record.run.config.update))
+        elif kind == "exit":
+            finished = True
         elif kind == "config":
             run.config.update(_config_items(record.config.update))
         elif kind == "history":
@@ -131,6 +135,7 @@ def read_wandb_run(run_file: Path, run: RunLog | None = None) -> RunLog:
                     continue
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     run.history.setdefault(key, []).append((int(step), float(value)))
+    run.finished = finished  # of the latest folder, for a run resumed in several
     return run
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lightning_diffusion.cli import main
-from test_tracking import fit, offline_wandb  # noqa: F401 - fixture re-used
+from test_tracking import fit, offline_wandb, written_runs  # noqa: F401 - fixture re-used
 
 pytestmark = pytest.mark.usefixtures("offline_wandb")
 
@@ -28,6 +28,7 @@ def test_compare_wandb_group(offline_wandb: Path, capsys: pytest.CaptureFixture)
         fit(root / f"lr{lr}", "--model.lr", lr, "--trainer.logger.init_args.group", "lr-sweep",
             "--trainer.logger.init_args.name", f"lr={lr}", steps=6)
     fit(root / "other", "--trainer.logger.init_args.group", "other-group", steps=2)
+    assert len(written_runs(root)) == 3
     capsys.readouterr()
 
     out = offline_wandb / "report"

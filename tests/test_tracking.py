@@ -3,6 +3,7 @@ CSV and `logger: false` still work."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from lightning.pytorch import LightningModule
 from PIL import Image
 
 from lightning_diffusion.cli import main
-from lightning_diffusion.run_logs import find_runs
+from lightning_diffusion.run_logs import RunLog, find_runs
 from lightning_diffusion.tracking import default_mode, log_image_grid, stable_run_id, to_uint8_grid
 
 BORING_DATA = "lightning.pytorch.demos.boring_classes.BoringDataModule"
@@ -62,11 +63,21 @@ def fit(root: Path, *extra: str, steps: int = 4) -> None:
     assert main(args) == 0
 
 
+def written_runs(root: Path, timeout: float = 30.0) -> list[RunLog]:
+    """The runs under `root` once wandb's service has written every run's exit record (it writes asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = find_runs(root)
+        if (runs and all(run.finished for run in runs)) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
 def test_offline_wandb_run_holds_config_history_and_uint8_images(offline_wandb: Path) -> None:
     root = offline_wandb / "run"
     fit(root, "--model.lr", "0.05", "--trainer.logger.init_args.name", "first",
         "--trainer.logger.init_args.group", "sweep-a", "--trainer.logger.init_args.tags", "[tiny, test]")
-    (run,) = find_runs(root)
+    (run,) = written_runs(root)
     assert run.path.parent == root / "wandb" and run.path.name.startswith("offline-run-")
     assert (run.name, run.group, run.tags) == ("first", "sweep-a", ["tiny", "test"])
     assert run.config["model.init_args.lr"] == 0.05 and run.config["trainer.max_steps"] == 4  # the CLI config
@@ -82,12 +93,12 @@ def test_offline_wandb_run_holds_config_history_and_uint8_images(offline_wandb: 
 def test_resumed_fit_continues_the_same_wandb_run(offline_wandb: Path) -> None:
     root = offline_wandb / "run"
     fit(root, steps=2)
-    (first,) = find_runs(root)
+    (first,) = written_runs(root)
     (checkpoint,) = root.rglob("*.ckpt")
     fit(root, "--ckpt_path", str(checkpoint), steps=4)
     folders = sorted((root / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and all(folder.name.endswith(first.run_id) for folder in folders)
-    (merged,) = find_runs(root)
+    assert len(folders) == 2 and all((folder / f"run-{first.run_id}.wandb").is_file() for folder in folders)
+    (merged,) = written_runs(root)
     assert merged.run_id == first.run_id
     assert [step for step, _ in merged.history["train/loss"]] == [0, 1, 2, 3]
 

@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
     rows = summarize(runs, metrics)
     table = format_table(rows, hparams, metrics)
     print(table)
+    for run_log in runs:
+        if not run_log.finished:
+            print(f"note: {run_log.name} ({run_log.path}) has no exit record: still running, or it crashed")
 
     out = args.out or (args.root if args.group else Path(args.runs[0]).parent) / f"compare-{args.group or 'runs'}"
     out.mkdir(parents=True, exist_ok=True)
