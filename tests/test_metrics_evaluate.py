@@ -131,3 +131,35 @@ def test_evaluate_user_errors(tmp_path: Path, capsys) -> None:
     assert "weights-inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
     assert main([*base[:2], str(tmp_path / "missing.ckpt"), *base[3:], "--metrics", "psnr"]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
+
+
+def test_evaluate_generation_with_the_project_clip(tmp_path: Path) -> None:
+    """--encoder clip and clip_score on a (random-weight) checkpoint of the project's CLIP stage."""
+    import torch.nn.functional as F
+
+    from lightning_diffusion.clip import CLIPImageEncoder, CLIPModule, CLIPTextEncoder
+
+    write_shards(tmp_path / "shards", count=6)
+    torch.manual_seed(0)
+    clip = CLIPModule()
+    clip_ckpt = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, clip_ckpt)
+    ckpt = save_checkpoint(TinyGenerator(), tmp_path / "gen.ckpt")
+    args = ["evaluate", "--ckpt", str(ckpt), "--data", str(tmp_path / "shards" / "val-*.tar"),
+            "--metrics", "fid,clip_score", "--num-samples", "6", "--encoder", "clip", "--clip-ckpt", str(clip_ckpt),
+            "--model-class", f"{TinyGenerator.__module__}.TinyGenerator", "--cache-dir", str(tmp_path / "cache"),
+            "--batch-size", "3", "--out", str(tmp_path / "clip.json"), "--device", "cpu"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "clip.json").read_text())
+    assert set(result["metrics"]) == {"fd_clip@6", "clip_score_clip@6"} and result["encoder"] == "clip"
+
+    # the CLIP score by hand: batch i of 3 captions was generated with seed i
+    image_tower, text_tower = CLIPImageEncoder.from_checkpoint(clip_ckpt), CLIPTextEncoder.from_checkpoint(clip_ckpt)
+    generator, scores = TinyGenerator(), []
+    for index in range(2):
+        captions = [f"caption {3 * index + j}" for j in range(3)]
+        with torch.no_grad():
+            image_features = F.normalize(image_tower(generator.generate(captions, seed=index)), dim=-1)
+            text_features = F.normalize(text_tower(text_tower.tokenizer(captions))[1], dim=-1)
+        scores.append(100 * (image_features * text_features).sum(-1).clamp(min=0))
+    assert result["metrics"]["clip_score_clip@6"] == pytest.approx(float(torch.cat(scores).mean()), rel=1e-5)
