@@ -19,7 +19,6 @@ RUN_ID="${SLURM_CLUSTER_NAME:-slurm}-${job_key}"
 export WANDB_RUN_ID="${WANDB_RUN_ID:-$RUN_ID}"
 RUN_DIR="$RUNS/$RUN_ID"
 mkdir -p "$RUN_DIR"
-export WANDB_DIR="${WANDB_DIR:-$RUN_DIR}"
 
 # Rendezvous: the first node of the allocation, a port derived from this job's id (array tasks have their
 # own SLURM_JOB_ID, so tasks sharing a node do not collide); the same port again after a requeue.

@@ -115,7 +115,7 @@ def test_sweep_submits_job_array_in_one_group(slurm_cluster: Cluster, tmp_path: 
     sweep_file.write_text(yaml.safe_dump({
         "name": "lr-channels", "config": "tests/slurm/tiny.yaml", "method": "grid", "max_parallel": 2,
         "parameters": {"model.init_args.lr": [1.0e-3, 3.0e-4], "model.init_args.channels": [8, 16],
-                       "trainer.max_steps": [30], "trainer.strategy": ["auto"]},
+                       "trainer.max_steps": [40], "trainer.strategy": ["auto"]},
         "sbatch": ["--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"],
     }))
     env = slurm_cluster.job_env()
@@ -141,7 +141,7 @@ def test_sweep_submits_job_array_in_one_group(slurm_cluster: Cluster, tmp_path: 
         assert start["run_id"] == run_id and start["group"] == sweep_dir.name, logs[i][-2000:]
         assert (float(start["lr"]), int(start["channels"])) == (task["model.init_args.lr"], task["model.init_args.channels"])
         run_dir = sweep_dir / "runs" / run_id
-        assert global_step(next(run_dir.rglob("last.ckpt"))) == 30
+        assert global_step(next(run_dir.rglob("last.ckpt"))) == 40
         (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
         assert sweep_dir.name.encode() in next(wandb_run.glob("run-*.wandb")).read_bytes()
         spans.append(_span(logs[i]))
