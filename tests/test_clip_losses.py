@@ -116,9 +116,9 @@ def _rank_worker(rank: int, world: int, folder: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory) -> list[dict]:
-    """Run both losses once on 2 gloo ranks (forked: the parent's imports are reused, so this takes ~1 s)."""
+    """Run both losses once on 2 gloo ranks. Spawned, not forked: a fork after OpenMP has run can hang."""
     folder = tmp_path_factory.mktemp("two_ranks")
-    mp.start_processes(_rank_worker, args=(2, str(folder)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_rank_worker, args=(2, str(folder)), nprocs=2, join=True, start_method="spawn")
     return [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
