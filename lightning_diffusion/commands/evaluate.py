@@ -51,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def find_model_class(ckpt: Path) -> str:
-    """The `model.class_path` of the LightningCLI `config.yaml` saved in the checkpoint's run folder."""
+def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> str:
+    """The model's class path: LightningCLI stores it in the checkpoint (`_class_path`) or in the run's config.yaml."""
+    if isinstance(hparams.get("_class_path"), str):
+        return hparams["_class_path"]
     for folder in list(ckpt.resolve().parents)[:5]:
         config = folder / "config.yaml"
         if config.is_file():
@@ -60,23 +62,27 @@ def find_model_class(ckpt: Path) -> str:
             class_path = (loaded.get("model") or {}).get("class_path") if isinstance(loaded, dict) else None
             if class_path:
                 return class_path
-    raise UserError(f"no config.yaml with model.class_path found above '{ckpt}': pass --model-class "
-                    "(e.g. lightning_diffusion.diffusion.module.Denoiser)")
+    raise UserError(f"cannot tell which model '{ckpt}' holds (no _class_path in it, no config.yaml with "
+                    "model.class_path above it): pass --model-class, e.g. lightning_diffusion.diffusion.module.Denoiser")
 
 
-def load_model(ckpt: Path, class_path: str, device: torch.device) -> torch.nn.Module:
-    """Rebuild the LightningModule from the checkpoint's hyper-parameters and load its weights (weights_only)."""
+def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torch.nn.Module:
+    """Rebuild the LightningModule from the checkpoint's hyper-parameters and load its weights (weights_only).
+
+    Models trained with EMA keep the averaged weights in `state_dict`, so those are the ones scored.
+    """
     import importlib
 
+    checkpoint = load_checkpoint(ckpt, what="model checkpoint", key="--ckpt")
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    class_path = class_path or find_model_class(ckpt, hparams)
     module_name, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise UserError(f"model class '{class_path}' cannot be imported ({err}): check --model-class") from err
-    checkpoint = load_checkpoint(ckpt, what="model checkpoint", key="--ckpt")
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
     try:
-        model = cls(**hparams)
+        model = cls(**{key: value for key, value in hparams.items() if not key.startswith("_")})
         model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"], strict=True)
     except (TypeError, KeyError, RuntimeError) as err:
@@ -162,7 +168,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     rank, world = _distributed()
     device = torch.device(args.device if args.device != "cuda" or world == 1 else f"cuda:{rank % torch.cuda.device_count()}")
     started = time.perf_counter()
-    model = load_model(args.ckpt, args.model_class or find_model_class(args.ckpt), device)
+    model = load_model(args.ckpt, args.model_class, device)
     task = model_task(model)
     check_metrics(task, metrics)
     image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size", 64))
@@ -184,8 +190,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         clip_score=_clip_score(args, device) if "clip_score" in metrics else None,
         prefix="recon_" if task == "reconstruction" else "",
     )
+    from tqdm.auto import tqdm
+
     loader = _loader(args, image_size, require_caption=task == "generation")
-    scored = run_evaluation(model, loader, evaluator, math.ceil(args.num_samples / world), args.seed, rank)
+    per_rank = math.ceil(args.num_samples / world)
+    with tqdm(total=per_rank, desc=f"scoring ({task})", unit="img", disable=rank != 0) as bar:
+        scored = run_evaluation(model, loader, evaluator, per_rank, args.seed, rank, progress=bar.update)
     results = evaluator.compute()
     return {
         "checkpoint": str(args.ckpt), "task": task, "metrics": results, "encoder": encoder_name,
