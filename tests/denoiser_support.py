@@ -45,6 +45,9 @@ class ToyTextEncoder(nn.Module):
         mask = (tokens != 0).unsqueeze(-1).float()
         return states, (states * mask).sum(1) / mask.sum(1).clamp(min=1)
 
+    def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens != 0
+
 
 def use_toy_text_encoder(monkeypatch: Any) -> None:
     """Make text-conditioned denoisers load the toy encoder instead of MiniLM / CLIP."""
@@ -75,3 +78,36 @@ def trainer(tmp_path: Any, max_steps: int, **overrides: Any) -> pl.Trainer:
 def loader(batch: dict[str, Any], repeats: int) -> torch.utils.data.DataLoader:
     """The same batch ``repeats`` times (already batched: ``batch_size=None``)."""
     return torch.utils.data.DataLoader([batch] * repeats, batch_size=None)
+
+
+class ToyPosterior:
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mean + 0.1 * torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+
+
+class ToyVAE(nn.Module):
+    """The VAE-GAN interface (encode -> posterior with mode/sample, decode, buffer latent_scale): f = 2, 4 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 4, 2, stride=2)
+        self.decoder = nn.ConvTranspose2d(4, 3, 2, stride=2)
+        self.register_buffer("latent_scale", torch.tensor(0.5))
+
+    def encode(self, x: torch.Tensor) -> ToyPosterior:
+        return ToyPosterior(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+
+def use_toy_vae(monkeypatch: Any) -> None:
+    import lightning_diffusion.diffusion.module as module
+
+    monkeypatch.setattr(module, "load_vae", lambda path: ToyVAE())

