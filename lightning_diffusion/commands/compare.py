@@ -67,16 +67,26 @@ def _duplicates_cli_key(key: str, values: list[Any], differing: dict[str, list[A
     return "." not in key and any(differing.get(f"{part}.init_args.{key}") == values for part in ("model", "data"))
 
 
-def format_table(rows: list[dict[str, Any]], hparams: dict[str, list[Any]], metrics: list[str]) -> str:
-    """A fixed-width text table: run, differing hyper-parameters, then final/best of each metric."""
+def format_table(
+    rows: list[dict[str, Any]], hparams: dict[str, list[Any]], metrics: list[str], max_width: int = 160
+) -> str:
+    """A fixed-width text table: run, differing hyper-parameters, then final/best of each metric (one column
+    per run instead when that is too wide)."""
     header = ["run", *hparams, *(f"{m} {s}" for m in metrics for s in ("final", "best"))]
     body = []
     for index, row in enumerate(rows):
         cells = [row["run"], *(_cell(values[index]) for values in hparams.values())]
         cells += [_cell(row.get(f"{m}/{s}")) for m in metrics for s in ("final", "best")]
         body.append(cells)
-    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *body]]
+    table = _aligned([header, *body])
+    if max(len(line) for line in table.splitlines()) > max_width:  # many metrics: one row per quantity instead
+        table = _aligned([list(column) for column in zip(header, *body)])
+    return table
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
