@@ -22,7 +22,9 @@ mkdir -p "$RUN_DIR"
 
 # Rendezvous: the first node of the allocation, a port derived from this job's id (array tasks have their
 # own SLURM_JOB_ID, so tasks sharing a node do not collide); the same port again after a requeue.
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_ADDR="$(scontrol show node -o "$first_node" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)"
+MASTER_ADDR="${MASTER_ADDR:-$first_node}"  # the address SLURM itself reaches the node at
 MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
 export MASTER_ADDR MASTER_PORT
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # slurm/local/stop.sh - stop the cluster started by slurm/local/start.sh.
 # Cancels this cluster's jobs, then kills exactly the PIDs recorded in
-# $SLURM_LOCAL_ROOT/run/{slurmd,slurmctld,munged}.pid (after checking each pid still
+# $SLURM_LOCAL_ROOT/run/{slurmd,slurmd-<node>,slurmctld,munged}.pid (after checking each pid still
 # belongs to that daemon).  Never kills by process name.
 set -uo pipefail
 
@@ -34,9 +34,9 @@ if [ -s "$RUN/slurmctld.pid" ] && alive "$(cat "$RUN/slurmctld.pid")" slurmctld;
 fi
 
 # 2. stop daemons in dependency order - by recorded pid only
-for d in slurmd slurmctld munged; do
-  f=$RUN/$d.pid
+for f in "$RUN"/slurmd.pid "$RUN"/slurmd-*.pid "$RUN"/slurmctld.pid "$RUN"/munged.pid; do
   [ -s "$f" ] || continue
+  d=$(basename "$f" .pid); d=${d%%-*}
   pid=$(cat "$f")
   if alive "$pid" "$d"; then
     kill -TERM "$pid"
@@ -46,5 +46,5 @@ for d in slurmd slurmctld munged; do
   else
     log "$d (pid $pid) not running"
   fi
-  rm -f "$f" "$RUN/$d.self.pid"
+  rm -f "$f" "${f%.pid}.self.pid"
 done

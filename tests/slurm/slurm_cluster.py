@@ -14,10 +14,24 @@ REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def free_port() -> int:
+def free_port(consecutive: int = 1) -> int:
+    """A port p with p .. p + consecutive - 1 all free now (one slurmd per node takes consecutive ports)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + consecutive <= 65535 and all(_is_free(port + i) for i in range(1, consecutive)):
+            return port
+    raise RuntimeError(f"no {consecutive} consecutive free ports")
+
+
+def _is_free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The sbatch templates and the sweep command on a real (local) SLURM cluster.
+"""The sbatch templates and the sweep command on a real (local) SLURM cluster of two nodes on this host.
 
 A tiny model (tests/slurm/tiny_model.py, config tests/slurm/tiny.yaml) trains with DDP over 2 CPU processes
 (gloo), launched exactly as on a GPU cluster: `sbatch slurm/*.sbatch`, `srun`, Lightning's SLURMEnvironment.
@@ -152,3 +152,21 @@ def _span(log: str) -> tuple[float, float]:
     """Wall-clock (first, last) marker time of one task."""
     times = [float(line.split()[1][2:]) for line in log.splitlines() if line.startswith("[marker] t=")]
     return min(times), max(times)
+
+
+def test_multinode_sbatch_spans_two_nodes(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    """2 nodes x 1 task (two slurmd on this host): ranks and node ranks from SLURM, rendezvous on node 1."""
+    env = slurm_cluster.job_env(CONFIG="tests/slurm/tiny.yaml", RUNS=str(tmp_path / "runs"))
+    job_id = slurm_cluster.sbatch("--nodes=2", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=1",
+                                  "--mem=1000", "--time=10", f"--output={tmp_path}/mn-%j.out", "slurm/multinode.sbatch",
+                                  "--trainer.max_steps", "40", env=env)
+    log_path = tmp_path / f"mn-{job_id}.out"
+    (record,) = slurm_cluster.wait(job_id, timeout=240, output=log_path)
+    log = log_path.read_text()
+    assert record["JobState"] == "COMPLETED" and record["NodeList"] == "node[1-2]", log[-3000:]
+    assert "2 node(s) x 1 task(s), rendezvous 127.0.0.1:" in log  # node1's NodeAddr
+    ranks = sorted((r["rank"], r["node"], r["local_rank"], r["world"]) for r in marker_values(log, "rank="))
+    assert ranks == [("0", "0", "0", "2"), ("1", "1", "0", "2")]
+    run_dir = tmp_path / "runs" / f"{CLUSTER}-{job_id}"
+    assert global_step(next(run_dir.rglob("last.ckpt"))) == 40
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["num_nodes"] == 2
