@@ -133,7 +133,10 @@ def _real_statistics(args: argparse.Namespace, suite: Any, encoder_name: str, im
 
 
 def _lpips(args: argparse.Namespace, device: torch.device) -> Any:
-    from lightning_diffusion.pretrained.lpips import make_lpips
+    try:
+        from lightning_diffusion.pretrained.lpips import make_lpips
+    except ModuleNotFoundError as err:
+        raise UserError(f"lpips is not available in this install ({err}): leave it out of --metrics") from err
 
     return make_lpips(args.lpips_net, args.torch_home).to(device)
 

@@ -99,7 +99,11 @@ class EfficientNetLite0Encoder(FeatureEncoder):
 
     def __init__(self, weights_path: str | os.PathLike | None = None) -> None:
         super().__init__()
-        from lightning_diffusion.pretrained.efficientnet import load_efficientnet_lite0
+        try:
+            from lightning_diffusion.pretrained.efficientnet import load_efficientnet_lite0
+        except ModuleNotFoundError as err:
+            raise UserError(f"encoder 'effnet' is not available in this install ({err}): use --encoder inception "
+                            "(with its weights file) or --encoder clip --clip-ckpt PATH") from err
 
         self.net = load_efficientnet_lite0(weights_path)
         self.num_features = int(self._probe_width())
