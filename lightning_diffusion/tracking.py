@@ -2,7 +2,7 @@
 
 Every `fit` gets `ProjectWandbLogger` unless the config sets `trainer.logger` (a CSV or TensorBoard logger,
 or `false`). The W&B run id is stable across resume and SLURM requeue, so a resumed job appends to the same run:
-explicit `id` > `WANDB_RUN_ID` > the SLURM job (array job + task) id > the id saved in
+explicit `id` > `WANDB_RUN_ID` > the SLURM job (array job + task) id and a hash of the run dir > the id saved in
 `<save_dir>/wandb/run_id` when fit resumes from a checkpoint > a new id. Offline runs land in
 `<save_dir>/wandb/offline-run-*` (`wandb sync` uploads them later); wandb's own debug logs go to
 `$XDG_CACHE_HOME/wandb` (default `~/.cache/wandb`).
@@ -10,6 +10,7 @@ explicit `id` > `WANDB_RUN_ID` > the SLURM job (array job + task) id > the id sa
 
 from __future__ import annotations
 
+import hashlib
 import math
 import netrc
 import os
@@ -34,10 +35,15 @@ def stable_run_id(explicit: str | None = None) -> str | None:
         return explicit
     if os.environ.get("WANDB_RUN_ID"):
         return os.environ["WANDB_RUN_ID"]
+    return _slurm_run_id()
+
+
+def _slurm_run_id() -> str | None:
+    """`slurm-<array job>-<task>` or `slurm-<job>`: a requeued job keeps its SLURM_JOB_ID."""
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         return f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}-{os.environ['SLURM_ARRAY_TASK_ID']}"
     if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm-{os.environ['SLURM_JOB_ID']}"  # a requeued job keeps its SLURM_JOB_ID
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
     return None
 
 
@@ -95,6 +101,11 @@ class ProjectWandbLogger(WandbLogger):
             return
         if self._save_dir_from_trainer:
             self._save_dir = self._wandb_init["dir"] = str(trainer.default_root_dir)
+        slurm_id = _slurm_run_id()
+        if slurm_id is not None and self._wandb_init.get("id") == slurm_id:
+            # several fits in one job (e.g. the three stages) must not share a run: tell them apart by run dir
+            digest = hashlib.sha1(str(Path(self.save_dir or ".").resolve()).encode()).hexdigest()[:8]
+            self._id = self._wandb_init["id"] = f"{slurm_id}-{digest}"
         if resuming and self._wandb_init.get("id") is None and self.run_id_file.is_file():
             self._id = self._wandb_init["id"] = self.run_id_file.read_text().strip()
 

@@ -103,6 +103,17 @@ def test_resumed_fit_continues_the_same_wandb_run(offline_wandb: Path) -> None:
     assert [step for step, _ in merged.history["train/loss"]] == [0, 1, 2, 3]
 
 
+def test_slurm_job_pins_the_run_id_per_run_dir(offline_wandb: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    fit(offline_wandb / "a", steps=1)
+    fit(offline_wandb / "b", steps=1)  # another stage in the same job: another run
+    fit(offline_wandb / "a", steps=1)  # the requeued job: the same run
+    ids = {name: {run.run_id for run in written_runs(offline_wandb / name)} for name in ("a", "b")}
+    assert len(ids["a"]) == 1 and len(ids["b"]) == 1 and ids["a"] != ids["b"]
+    assert all(run_id.startswith("slurm-4242-") for run_ids in ids.values() for run_id in run_ids)
+    assert len(list((offline_wandb / "a" / "wandb").glob("offline-run-*"))) == 2
+
+
 def test_csv_logger_and_no_logger_still_work(offline_wandb: Path) -> None:
     csv_root = offline_wandb / "csv"
     fit(csv_root, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
