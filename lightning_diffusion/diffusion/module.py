@@ -279,8 +279,15 @@ class Denoiser(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Any]:
-        """EMA of the weights via Lightning's callback, updated after every optimiser step."""
-        return [EMAWeightAveraging(decay=self.hparams.ema_decay)] if self.hparams.ema_decay else []
+        """EMA of the weights via Lightning's callback, updated after every optimiser step.
+
+        The averaged copy is made in the callback's ``setup``, before the strategy moves the model, so it is placed
+        on the strategy's device explicitly (else it would stay on the CPU and copy every parameter each step).
+        """
+        if not self.hparams.ema_decay:
+            return []
+        device = self._trainer.strategy.root_device if self._trainer is not None else None
+        return [EMAWeightAveraging(decay=self.hparams.ema_decay, device=device)]
 
     # ---------------------------------------------------------------- validation
     def fixed_times(self) -> Tensor:
