@@ -170,3 +170,44 @@ def test_multinode_sbatch_spans_two_nodes(slurm_cluster: Cluster, tmp_path: Path
     run_dir = tmp_path / "runs" / f"{CLUSTER}-{job_id}"
     assert global_step(next(run_dir.rglob("last.ckpt"))) == 40
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["num_nodes"] == 2
+
+
+def write_shards(folder: Path, split: str, shards: int, per_shard: int = 16) -> None:
+    """Tiny image-caption shards (32 px PNG + caption) in the project's format."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(len(split))
+    with wds.ShardWriter(str(folder / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(shards * per_shard):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="png")
+            sink.write({"__key__": f"{split}{i:05d}", "png": buffer.getvalue(), "txt": f"a pattern of kind {i % 5}"})
+
+
+def test_fit_sbatch_trains_the_clip_stage(slurm_cluster: Cluster, tmp_path: Path) -> None:
+    """The real CLIP stage config (contrastive loss gathered over 2 ranks) on shards, launched by fit.sbatch."""
+    write_shards(tmp_path, "train", shards=2)
+    write_shards(tmp_path, "val", shards=1)
+    overrides = tmp_path / "slurm_test.yaml"  # the CPU-minutes config made seconds: 2 epochs of 4 steps per rank
+    overrides.write_text(yaml.safe_dump({
+        "trainer": {"max_steps": 8, "max_epochs": None, "limit_val_batches": 2, "accelerator": "cpu",
+                    "strategy": "ddp", "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"save_last": True}}]},
+        "data": {"init_args": {"train_urls": f"{tmp_path}/train-*.tar", "val_urls": f"{tmp_path}/val-*.tar",
+                               "batch_size": 4, "val_batch_size": 4, "num_workers": 0}}}))
+    env = slurm_cluster.job_env(CONFIG=f"configs/clip/tiny.yaml {overrides}", RUNS=str(tmp_path / "runs"))
+    job_id = slurm_cluster.sbatch(*ONE_NODE_2_TASKS, f"--output={tmp_path}/clip-%j.out", "slurm/fit.sbatch", env=env)
+    log_path = tmp_path / f"clip-{job_id}.out"
+    (record,) = slurm_cluster.wait(job_id, timeout=240, output=log_path)
+    log = log_path.read_text()
+    assert record["JobState"] == "COMPLETED", log[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    run_dir = tmp_path / "runs" / f"{CLUSTER}-{job_id}"
+    assert global_step(next(run_dir.rglob("last.ckpt"))) == 8
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["class_path"] == "lightning_diffusion.clip.CLIPModule"
