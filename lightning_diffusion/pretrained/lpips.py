@@ -28,7 +28,7 @@ BACKBONE_FILES: dict[str, tuple[str, str]] = {
 }
 
 
-def torch_home(path: str | os.PathLike | None = None) -> Path:
+def resolve_torch_home(path: str | os.PathLike | None = None) -> Path:
     """The torch cache folder: `path`, else `$TORCH_HOME`, else `~/.cache/torch` (torch.hub's rule)."""
     if path is not None:
         return Path(path).expanduser()
@@ -39,7 +39,7 @@ def backbone_weights_path(net_type: str, home: str | os.PathLike | None = None) 
     """Where torchvision expects the LPIPS backbone's weights."""
     if net_type not in BACKBONE_FILES:
         raise UserError(f"LPIPS net_type '{net_type}' is unknown: use one of {', '.join(BACKBONE_FILES)}")
-    return torch_home(home) / "hub" / "checkpoints" / BACKBONE_FILES[net_type][0]
+    return resolve_torch_home(home) / "hub" / "checkpoints" / BACKBONE_FILES[net_type][0]
 
 
 def check_backbone_weights(net_type: str, home: str | os.PathLike | None = None) -> Path:
@@ -66,22 +66,22 @@ def _hub_dir(home: Path) -> Iterator[None]:
         torch.hub.set_dir(previous)
 
 
-def make_lpips(net_type: LPIPSNet = "alex", torch_home_dir: str | os.PathLike | None = None,
+def make_lpips(net_type: LPIPSNet = "alex", torch_home: str | os.PathLike | None = None,
                reduction: Literal["mean", "sum"] = "mean"):  # noqa: ANN201 - a torchmetrics Metric
     """torchmetrics' LPIPS metric (inputs in [-1, 1]) with its backbone loaded from the local torch cache."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    check_backbone_weights(net_type, torch_home_dir)
-    with _hub_dir(torch_home(torch_home_dir)):
+    check_backbone_weights(net_type, torch_home)
+    with _hub_dir(resolve_torch_home(torch_home)):
         return LearnedPerceptualImagePatchSimilarity(net_type=net_type, reduction=reduction, normalize=False)
 
 
 class LPIPSDistance(nn.Module):
     """Per-sample LPIPS distance for training losses (frozen, eval mode, gradients flow to the images)."""
 
-    def __init__(self, net_type: LPIPSNet = "alex", torch_home_dir: str | None = None) -> None:
+    def __init__(self, net_type: LPIPSNet = "alex", torch_home: str | None = None) -> None:
         super().__init__()
-        self.net = make_lpips(net_type, torch_home_dir).net.eval().requires_grad_(False)
+        self.net = make_lpips(net_type, torch_home).net.eval().requires_grad_(False)
         self.name = f"lpips_{net_type}"
 
     def train(self, mode: bool = True) -> "LPIPSDistance":
