@@ -23,6 +23,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipelines.decoding import Collate, SampleDecoder
 from data_pipelines.epoch_plan import EpochLayout, derive_seed, refill_segments, segments_between, shard_order
+from data_pipelines.tar_members import is_plain_tar, local_tar_files
+from data_pipelines.urls import url_scheme
 from lightning_diffusion.errors import UserError
 
 SKIPPED_KEY = "__skipped__"
@@ -177,18 +179,24 @@ class ShardStream(IterableDataset):
     def _read_shard(self, shard: int, start: int, stop: int | None, skips: SkipLog) -> Iterator[dict[str, Any]]:
         """Raw samples [start, stop) of one shard; a read error or a short shard skips (and counts) the rest."""
         url = self.urls[shard]
-        position, last_key = 0, None
+        position, last_key, stream = 0, None, None
         try:
-            stream = gopen(url)
+            if url_scheme(url) is None and is_plain_tar(url):
+                files, position = local_tar_files(url, skip_samples=start), start
+            else:
+                stream = gopen(url)
+                files = tar_file_expander(iter([{"url": url, "stream": stream}]))
             try:
-                for sample in group_by_keys(tar_file_expander(iter([{"url": url, "stream": stream}]))):
+                for sample in group_by_keys(files):
                     if stop is not None and position >= stop:
                         return
                     if position >= start:
                         yield sample
                     position, last_key = position + 1, sample["__key__"]
             finally:
-                stream.close()
+                files.close()
+                if stream is not None:
+                    stream.close()
         except Exception as exn:  # a truncated or unreadable shard must not end the epoch early
             after = f"after {last_key!r}" if last_key is not None else "at its start"
             missing = (stop - max(start, position)) if stop is not None else 1
