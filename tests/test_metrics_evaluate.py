@@ -163,3 +163,31 @@ def test_evaluate_generation_with_the_project_clip(tmp_path: Path) -> None:
             text_features = F.normalize(text_tower(text_tower.tokenizer(captions))[1], dim=-1)
         scores.append(100 * (image_features * text_features).sum(-1).clamp(min=0))
     assert result["metrics"]["clip_score_clip@6"] == pytest.approx(float(torch.cat(scores).mean()), rel=1e-5)
+
+
+def test_evaluate_lpips_uses_the_backbone_file_in_torch_home(tmp_path: Path, capsys) -> None:
+    """LPIPS (torchmetrics) on [-1, 1] images with a stand-in AlexNet file where torchvision caches it."""
+    import torchvision
+
+    from lightning_diffusion.pretrained.lpips import make_lpips
+
+    write_shards(tmp_path / "shards", count=4, size=32)  # AlexNet needs >= 32 px
+    ckpt = save_checkpoint(TinyAutoencoder(image_size=32), tmp_path / "ae.ckpt")
+    base = ["evaluate", "--ckpt", str(ckpt), "--data", str(tmp_path / "shards" / "val-*.tar"), "--metrics", "lpips",
+            "--num-samples", "4", "--model-class", f"{TinyAutoencoder.__module__}.TinyAutoencoder",
+            "--torch-home", str(tmp_path / "torch"), "--device", "cpu", "--out", str(tmp_path / "lpips.json")]
+    assert main(base) == 2
+    assert "alexnet-owt-7be5be79.pth" in capsys.readouterr().err  # missing backbone: one user error
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    backbone.parent.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet().state_dict(), backbone)
+    assert main(base) == 0
+    value = json.loads((tmp_path / "lpips.json").read_text())["metrics"]["recon_lpips_alex@4"]
+
+    with wds.WebDataset(str(tmp_path / "shards" / "val-000000.tar"), shardshuffle=False).decode("torchrgb") as data:
+        real = torch.stack([sample["png"] for sample in data]) * 2 - 1
+    lpips = make_lpips("alex", tmp_path / "torch")
+    lpips.update((real * 0.75).clamp(-1, 1), real)
+    assert value == pytest.approx(float(lpips.compute()), rel=1e-5) and value > 0

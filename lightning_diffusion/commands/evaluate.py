@@ -104,8 +104,10 @@ def _distributed() -> tuple[int, int]:
 def _loader(args: argparse.Namespace, image_size: int, require_caption: bool):  # noqa: ANN202 - a DataLoader
     from data_pipelines.datamodule import ShardDataModule
 
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    batch_size = max(1, min(args.batch_size, math.ceil(args.num_samples / world)))  # full batches only
     data = ShardDataModule(
-        train_urls=args.data, val_urls=args.data, image_size=image_size, batch_size=args.batch_size,
+        train_urls=args.data, val_urls=args.data, image_size=image_size, batch_size=batch_size,
         num_workers=args.num_workers, seed=args.seed, shuffle_buffer=0, require_caption=require_caption,
         persistent_workers=False,
     )
