@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
@@ -333,7 +334,9 @@ class Denoiser(LightningModule):
             ref = self._reference
             lowres = downsample_for_lowres(ref["image"].to(self.device), hp.lowres_size)
             images = self.generate(ref.get("caption"), ref.get("label"), lowres)
-            grids["lowres"] = (torch.cat([images, ref["image"].to(images)]), list(ref.get("caption", [])), len(images))
+            upsampled = F.interpolate(lowres, size=images.shape[-2:], mode="nearest").to(images)
+            rows = torch.cat([upsampled, images, ref["image"].to(images)])  # input, upscaled, ground truth
+            grids["lowres"] = (rows, list(ref.get("caption", [])), len(images))
         elif "text" in self.kinds:
             for name, prompts in (("heldout", hp.heldout_prompts), ("train", hp.train_prompts)):
                 captions = [p for p in prompts for _ in range(k)]
