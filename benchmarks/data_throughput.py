@@ -46,7 +46,7 @@ class RawImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         with Image.open(io.BytesIO(self.images[index])) as image:
-            return torch.from_numpy(np.asarray(resize_center_crop(image.convert("RGB"), self.size)))
+            return torch.from_numpy(np.array(resize_center_crop(image.convert("RGB"), self.size)))
 
 
 def raw_collate(images: list[torch.Tensor]) -> torch.Tensor:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=4000, help="samples timed per run")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the best is reported")
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -371,3 +371,41 @@ def test_emoji_config_instantiates_through_the_cli_parser():
     assert isinstance(dm, ShardDataModule)
     assert dm.train_urls == "data/emoji/train-*.tar" and dm.val_urls == "data/emoji/val-*.tar"
     assert dm.decoder.image_size == 64 and dm.random_flip is False
+
+
+class TinyModel(__import__("lightning").pytorch.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["image"].mean(dim=(2, 3))).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.layer(batch["image"].mean(dim=(2, 3))).mean(), batch_size=len(batch["key"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_trainer_fit_logs_skipped_samples_per_epoch(tmp_path):
+    from lightning.pytorch import Trainer
+
+    write_shards(tmp_path / "t", [5, 4], extra=lambda shard, index: {"txt": b"\xff"} if (shard, index) == (1, 1) else {})
+    write_shards(tmp_path / "v", [4], prefix="val", extra=lambda shard, index: {"png": b"no"} if index == 0 else {})
+    trainer_options = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                           enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                           num_sanity_val_steps=0)
+    dm = ShardDataModule(str(tmp_path / "t" / "train-*.tar"), val_urls=str(tmp_path / "v" / "val-*.tar"), image_size=8,
+                         batch_size=2, num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedSampleWarning)
+        trainer = Trainer(**trainer_options)
+        trainer.fit(TinyModel(), datamodule=dm)
+        assert trainer.num_training_batches == 4 and trainer.num_val_batches == [2]
+        assert trainer.callback_metrics["data/skipped_samples"] == 1
+        assert trainer.callback_metrics["data/skipped_samples_val"] == 1
+        assert dm.skipped_samples == {"train": 2, "val": 2} and dm.state_dict()["epoch"] == 2
+        no_val = ShardDataModule(str(tmp_path / "t" / "train-*.tar"), image_size=8, batch_size=2, num_workers=0)
+        Trainer(**trainer_options).fit(TinyModel(), datamodule=no_val)
+    assert no_val.skipped_samples == {"train": 2}
