@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from typing import Any
 
@@ -111,3 +112,14 @@ def use_toy_vae(monkeypatch: Any) -> None:
     import lightning_diffusion.diffusion.module as module
 
     monkeypatch.setattr(module, "load_vae", lambda path: ToyVAE())
+
+
+@contextlib.contextmanager
+def one_thread() -> Any:
+    """Tiny models run fastest on one thread, and several test runs share this machine's two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

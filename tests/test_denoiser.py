@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from denoiser_support import TINY_UNET, fixed_batch, loader, trainer, use_toy_text_encoder, use_toy_vae
+from denoiser_support import (
+    TINY_UNET, fixed_batch, loader, one_thread, trainer, use_toy_text_encoder, use_toy_vae,
+)
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
 from lightning_diffusion.diffusion.module import Denoiser, uncond_drop_mask
@@ -15,8 +18,10 @@ from lightning_diffusion.errors import UserError
 
 
 @pytest.fixture(autouse=True)
-def _toy_text(monkeypatch: pytest.MonkeyPatch) -> None:
+def _toy_text(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     use_toy_text_encoder(monkeypatch)
+    with one_thread():
+        yield
 
 
 def fixed_loss(model: Denoiser, batch: dict) -> float:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from denoiser_support import TINY_UNET, fixed_batch, loader, trainer, use_toy_text_encoder
+from denoiser_support import (
+    TINY_UNET, fixed_batch, loader, one_thread, trainer, use_toy_text_encoder,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
@@ -29,7 +32,7 @@ def make_checkpoint(folder: Path, **model_args: object) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, one_thread():
         use_toy_text_encoder(patch)
         return {
             "text": make_checkpoint(tmp_path_factory.mktemp("text"), conditioning="text"),
@@ -39,8 +42,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
-def _toy_text(monkeypatch: pytest.MonkeyPatch) -> None:
+def _toy_text(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     use_toy_text_encoder(monkeypatch)
+    with one_thread():
+        yield
 
 
 def pixels(path: Path) -> np.ndarray:
