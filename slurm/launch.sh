@@ -9,14 +9,15 @@ cd "${SLURM_SUBMIT_DIR:?run this through sbatch}"
 eval "$ACTIVATE"
 
 # One id per run, stable across requeues: array tasks are ARRAYJOB_TASK, other jobs their job id; the
-# cluster name keeps ids unique on W&B when several clusters log to one project.
+# cluster name keeps ids unique on W&B when several clusters log to one project. Always set: sbatch copies
+# the submitting shell's environment, and a WANDB_RUN_ID left there would merge unrelated runs.
 if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
   job_key="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 else
   job_key="$SLURM_JOB_ID"
 fi
 RUN_ID="${SLURM_CLUSTER_NAME:-slurm}-${job_key}"
-export WANDB_RUN_ID="${WANDB_RUN_ID:-$RUN_ID}"
+export WANDB_RUN_ID="$RUN_ID"
 RUN_DIR="$RUNS/$RUN_ID"
 mkdir -p "$RUN_DIR"
 
