@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from denoiser_support import (
     TINY_UNET, fixed_batch, loader, one_thread, trainer, use_toy_text_encoder, use_toy_vae,
 )
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 
 from lightning_diffusion.diffusion.module import Denoiser, uncond_drop_mask
 from lightning_diffusion.errors import UserError
