@@ -34,6 +34,7 @@ def slurm_cluster() -> Iterator[Cluster]:
     start = subprocess.run([str(REPO / "slurm/local/start.sh")], env=env, capture_output=True, text=True, timeout=900)
     if start.returncode != 0:
         subprocess.run([str(REPO / "slurm/local/stop.sh")], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"local SLURM cluster did not start:\n{start.stderr[-3000:]}")
     env["SLURM_CONF"] = str(root / "etc" / "slurm.conf")
     try:
