@@ -112,11 +112,15 @@ def test_evaluate_reconstruction_metrics_and_cached_real_statistics(tmp_path: Pa
 
 
 def test_evaluate_generation_model_plugs_in_through_generate(tmp_path: Path, tiny_encoder) -> None:
-    write_shards(tmp_path / "shards", count=6)
+    write_shards(tmp_path / "shards", count=10)
     ckpt = save_checkpoint(TinyGenerator(), tmp_path / "gen.ckpt")
-    result = evaluate(tmp_path, ckpt, TinyGenerator, "fid", "gen.json", n=6)
-    assert result["task"] == "generation" and list(result["metrics"]) == ["fd_tiny@6"]
-    assert result["metrics"]["fd_tiny@6"] > 0
+    result = evaluate(tmp_path, ckpt, TinyGenerator, "fid", "gen.json", n=8)
+    assert result["task"] == "generation" and list(result["metrics"]) == ["fd_tiny@8"]
+    assert result["metrics"]["fd_tiny@8"] > 0
+
+    # 10 images in full batches of 4 give 8: the key names the count scored, not the one asked for
+    result = evaluate(tmp_path, ckpt, TinyGenerator, "fid", "gen.json", n=12)
+    assert list(result["metrics"]) == ["fd_tiny@8"] and result["num_samples"] == 8
 
 
 def test_evaluate_user_errors(tmp_path: Path, capsys) -> None:

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                               "kid" in frechet_metrics, world)
         suite.load_real(stats)
     evaluator = Evaluator(
-        metrics, args.num_samples, device, frechet=suite,
+        metrics, device, frechet=suite,
         lpips=_lpips(args, device) if "lpips" in metrics else None, lpips_name=args.lpips_net,
         clip_score=_clip_score(args, device) if "clip_score" in metrics else None,
         perceptual=_perceptual(args, device) if "perceptual" in metrics else None,
@@ -210,9 +211,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     with tqdm(total=per_rank, desc=f"scoring ({task})", unit="img", disable=rank != 0) as bar:
         scored = run_evaluation(model, loader, evaluator, per_rank, args.seed, rank, progress=bar.update)
     results = evaluator.compute()
+    total = evaluator.total_seen()
+    if total < args.num_samples and rank == 0:
+        print(f"warning: the data gave {total} images, not --num-samples {args.num_samples}; the keys say @{total}",
+              file=sys.stderr)
     return {
         "checkpoint": str(args.ckpt), "task": task, "metrics": results, "encoder": encoder_name,
-        "num_samples": args.num_samples, "scored_on_rank0": scored, "world_size": world, "image_size": image_size,
+        "num_samples": total, "requested_samples": args.num_samples, "scored_on_rank0": scored,
+        "world_size": world, "image_size": image_size,
         "real_statistics_cached": real_cached, "seconds": round(time.perf_counter() - started, 2),
     }
 

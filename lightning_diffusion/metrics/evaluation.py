@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from lightning_diffusion.errors import UserError
-from lightning_diffusion.metrics.frechet import FrechetSuite, to_unit_range
+from lightning_diffusion.metrics.frechet import FrechetSuite, sum_over_ranks, to_unit_range
 from lightning_diffusion.metrics.keys import metric_key
 
 RECONSTRUCTION_METRICS = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim")
@@ -71,7 +71,6 @@ class Evaluator:
     def __init__(
         self,
         metrics: list[str],
-        num_samples: int,
         device: torch.device,
         frechet: FrechetSuite | None = None,
         lpips: Metric | None = None,
@@ -80,7 +79,8 @@ class Evaluator:
         perceptual: Metric | None = None,
         prefix: str = "",
     ) -> None:
-        self.metrics, self.num_samples, self.prefix = metrics, num_samples, prefix
+        self.metrics, self.prefix = metrics, prefix
+        self.seen = 0  # images scored on this rank
         self.frechet = frechet
         self.lpips, self.lpips_name = lpips, lpips_name
         self.clip_score = clip_score
@@ -94,6 +94,7 @@ class Evaluator:
     @torch.no_grad()
     def update(self, real: Tensor, produced: Tensor, captions: list[str] | None = None) -> None:
         """`real` and `produced` in [-1, 1]; clamped and range-converted once here, per metric."""
+        self.seen += produced.shape[0]
         with torch.autocast(device_type=produced.device.type, enabled=False):
             produced = produced.float().clamp(-1, 1)
             real = real.float().clamp(-1, 1)
@@ -114,9 +115,13 @@ class Evaluator:
                     raise UserError("clip_score needs captions: the shards have none, or the model is not text-conditioned")
                 self.clip_score.update(produced, captions)
 
+    def total_seen(self) -> int:
+        return sum_over_ranks(self.seen)
+
     def compute(self) -> dict[str, float]:
-        """Every metric's value under its key (encoder and sample count in the name). Call on every rank."""
-        n = self.num_samples
+        """Every metric's value under its key (encoder and the number of images scored, all ranks, in the name).
+        Call on every rank."""
+        n = self.total_seen()
         results: dict[str, float] = {}
         if self.frechet is not None:
             results.update(self.frechet.compute(n))

@@ -61,7 +61,8 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _sum_over_ranks(value: int) -> int:
+def sum_over_ranks(value: int) -> int:
+    """An integer summed over all ranks (a collective: call it on every rank)."""
     if _rank_and_world()[1] == 1:
         return value
     values: list[int] = [0] * _rank_and_world()[1]
@@ -139,7 +140,7 @@ class FrechetSuite(nn.Module):
         if self.fid is not None:
             results[metric_key("fid", name, num_samples)] = float(self.fid.compute())
         if self.kid is not None:
-            real_count = _sum_over_ranks(self._real_count)
+            real_count = sum_over_ranks(self._real_count)
             self.kid.subset_size = max(2, min(self.kid_subset_size, num_samples, real_count))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)  # same subsets on every rank
