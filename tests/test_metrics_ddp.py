@@ -39,6 +39,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned interpreters importing torch + torchmetrics: ~10 s idle, 30-50 s on a busy machine
 def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")  # fork after OpenMP use can hang
