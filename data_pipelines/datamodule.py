@@ -120,6 +120,11 @@ class ShardDataModule(LightningDataModule):
     (`samples_per_epoch` for all ranks together). shuffle_buffer: samples held for shuffling (0: none).
     random_flip: horizontal flips (off by default: captions may say "facing right"). max_*: per-sample limits;
     larger samples are skipped and counted.
+
+    Validation is unshuffled and split into contiguous, equal runs of full batches per rank; the last
+    `total % (world * val_batch_size)` samples are not evaluated (reported in `dropped_per_epoch`), so no rank
+    waits on another in collectives. Corrupt samples are replaced by the samples after the worker's run, so the
+    batch count never changes.
     """
 
     def __init__(
@@ -226,6 +231,7 @@ class ShardDataModule(LightningDataModule):
         return [] if self.val_urls is None else self._loader("val", self.val_batch_size, train=False)
 
     def state_dict(self) -> dict[str, Any]:
+        """Seed and epoch: with the shard list they fix the order (mid-epoch resume would add batches consumed)."""
         return {"seed": self.seed, "epoch": self._current_epoch(), "mode": self.mode, "skipped_samples": self.skipped_samples}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
