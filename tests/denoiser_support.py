@@ -81,39 +81,6 @@ def loader(batch: dict[str, Any], repeats: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader([batch] * repeats, batch_size=None)
 
 
-class ToyPosterior:
-    def __init__(self, mean: torch.Tensor) -> None:
-        self.mean = mean
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.mean + 0.1 * torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
-
-
-class ToyVAE(nn.Module):
-    """The VAE-GAN interface (encode -> posterior with mode/sample, decode, buffer latent_scale): f = 2, 4 channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Conv2d(3, 4, 2, stride=2)
-        self.decoder = nn.ConvTranspose2d(4, 3, 2, stride=2)
-        self.register_buffer("latent_scale", torch.tensor(0.5))
-
-    def encode(self, x: torch.Tensor) -> ToyPosterior:
-        return ToyPosterior(self.encoder(x))
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
-
-def use_toy_vae(monkeypatch: Any) -> None:
-    import lightning_diffusion.diffusion.module as module
-
-    monkeypatch.setattr(module, "load_vae", lambda path: ToyVAE())
-
-
 @contextlib.contextmanager
 def one_thread() -> Any:
     """Tiny models run fastest on one thread, and several test runs share this machine's two cores."""

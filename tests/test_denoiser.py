@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from denoiser_support import (
-    TINY_UNET, fixed_batch, loader, one_thread, trainer, use_toy_text_encoder, use_toy_vae,
+    TINY_UNET, fixed_batch, loader, one_thread, trainer, use_toy_text_encoder,
 )
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 
@@ -163,20 +163,37 @@ def test_clip_text_encoder_needs_its_checkpoint(monkeypatch: pytest.MonkeyPatch)
         Denoiser(**TINY_UNET, conditioning="text", text_encoder="clip")
 
 
-def test_latent_space_encodes_scales_and_decodes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    use_toy_vae(monkeypatch)
+def tiny_vae_checkpoint(path: Path, scale: float) -> Path:
+    """A VAE-GAN checkpoint (f = 2, 4 latent channels, 38k parameters) with a measured latent_scale."""
+    from lightning_diffusion.autoencoder import VAEGAN
+
+    vae = VAEGAN(image_size=16, channels=8, channel_mults=[1, 2], num_blocks=1, latent_channels=4,
+                 mid_attention=False, disc_channels=8, disc_layers=1, val_frechet=False, perceptual_weight=0.0)
+    vae.latent_scale.fill_(scale)
+    vae.latent_window[0] = torch.tensor([0.0, 4.0, 4.0], dtype=torch.float64)  # one measured window entry
+    torch.save({"hyper_parameters": dict(vae.hparams), "state_dict": vae.state_dict()}, path)
+    return path
+
+
+def test_latent_space_with_a_frozen_vae_gan_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = Denoiser(**{**TINY_UNET, "attention_resolutions": (4,)}, conditioning="none", space="latent",
-                     vae_checkpoint="stand-in", val_guidance=1.0)
+    vae_path = tiny_vae_checkpoint(tmp_path / "vae.ckpt", scale=0.7)
+    model = Denoiser(**{**TINY_UNET, "attention_resolutions": (4,)}, conditioning="text", space="latent",
+                     vae_checkpoint=str(vae_path), ema_decay=0.9)
     assert model.sample_shape == (4, 8, 8) and model.unet.image_size == 8
     batch = fixed_batch()
     vae = model._vae.module
-    torch.testing.assert_close(model.batch_x0(batch, sample=False), vae.encode(batch["image"]).mode() * 0.5)
+    torch.testing.assert_close(model.batch_x0(batch, sample=False), vae.encode(batch["image"]).mode() * 0.7)
     latent = torch.randn(8, 4, 8, 8)
-    torch.testing.assert_close(model.batch_x0({"latent": latent}), latent * 0.5)  # pre-encoded, unscaled latents
-    assert not any(key.startswith("_vae") or key.startswith("encoder") for key in model.state_dict())
-    trainer(tmp_path, max_steps=2).fit(model, loader(batch, 2))
-    images = model.generate(num_samples=2, steps=2)
+    torch.testing.assert_close(model.batch_x0({"latent": latent}), latent * 0.7)  # pre-encoded, unscaled latents
+    assert all(key.startswith(("unet.", "null.")) for key in model.state_dict())  # the VAE is not saved again
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+    trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[saver]).fit(model, loader(batch, 2))
+
+    from lightning_diffusion.commands.sample import load_denoiser
+
+    loaded = load_denoiser(tmp_path / "last.ckpt")
+    images = loaded.generate(["a flat emoji of koala"] * 2, steps=2, guidance=2.0)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
 
 
