@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     images, source_records = [], []
     for source in sources:
         root = emoji_sources.fetch(source, cache)
-        listed, odd = emoji_sources.LISTERS[source.name](root, source)
-        images += listed
+        listing = emoji_sources.LISTERS[source.name](root, source)
+        images += listing.images
         source_records.append(
             {
                 "name": source.name,
@@ -159,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
                 "attribution": source.attribution,
                 "homepage": source.homepage,
                 "tarball_sha256": emoji_sources.tarball_sha256(source, cache),
-                "images_available": len(listed),
-                "files_" + ("skipped_unnamed" if source.name == "3d" else "named_by_file_name"): odd,
+                "images_available": len(listing.images),
+                "files_skipped_as_duplicates": listing.duplicates,
+                "files_" + ("skipped_unnamed" if source.name == "3d" else "named_by_file_name"): listing.odd,
             }
         )
     concepts = sorted({image.concept for image in images})

@@ -2,7 +2,8 @@
 
 - `@lobehub/fluent-emoji-3d@1.1.0`: `assets/<codepoints>.webp`, 256x256 RGBA renders of Microsoft's Fluent
   Emoji 3D. Codepoints are '-' separated hex (tags of subdivision flags '_' separated, CANCEL TAG dropped);
-  14 keycap/symbol emoji appear twice (`0023-fe0f-20e3` and `23-fe0f-20e3`): the first file name wins.
+  16 emoji appear twice (`0023-fe0f-20e3`/`23-fe0f-20e3`, `26a7-fe0f`/`26a7`, ...; same picture, other bytes):
+  the first file name wins and the others are listed in the manifest as duplicates.
 - `fluentui-emoji@1.3.0`: `icons/flat/<name>[-<tone>].svg`, Microsoft's Fluent Emoji flat SVGs named by their
   CLDR names; toned emoji end in `-default`, `-light`, `-medium-light`, `-medium`, `-medium-dark`, `-dark`.
   Names are matched to sequences through the `emoji` package (names, aliases, Unicode names, and the small
@@ -171,14 +172,27 @@ def tarball_sha256(source: EmojiSource, cache_dir: Path) -> str | None:
     return json.loads(record.read_text())["tgz_sha256"] if record.exists() else None
 
 
-def _first_per_key(images: list[EmojiImage]) -> list[EmojiImage]:
+@dataclass(frozen=True)
+class Listing:
+    """A package's images (one per key), the files left out as duplicates, and the files matched oddly:
+    for the 3D package those no emoji name was found for (skipped), for the flat one those named by file name."""
+
+    images: list[EmojiImage]
+    duplicates: list[str]
+    odd: list[str]
+
+
+def _listing(images: list[EmojiImage], odd: list[str]) -> Listing:
     seen: dict[str, EmojiImage] = {}
+    duplicates = []
     for image in sorted(images, key=lambda im: im.path.name):
+        if image.key in seen:
+            duplicates.append(image.path.name)
         seen.setdefault(image.key, image)
-    return sorted(seen.values(), key=lambda im: im.key)
+    return Listing(sorted(seen.values(), key=lambda im: im.key), duplicates, odd)
 
 
-def list_3d(root: Path, source: EmojiSource) -> tuple[list[EmojiImage], list[str]]:
+def list_3d(root: Path, source: EmojiSource) -> Listing:
     """Images of the 3D package and the file names no emoji name was found for."""
     images, unnamed = [], []
     for path in sorted((root / "assets").glob("*.webp")):
@@ -193,7 +207,7 @@ def list_3d(root: Path, source: EmojiSource) -> tuple[list[EmojiImage], list[str
             continue
         key = f"{source.name}-" + "-".join(f"{ord(c):x}" for c in emoji_names.canonical(named.sequence))
         images.append(EmojiImage(source.name, path, key, named.concept, named.skin_tones, named.codepoints, "codepoints"))
-    return _first_per_key(images), unnamed
+    return _listing(images, unnamed)
 
 
 def _split_flat_name(stem: str) -> tuple[str, tuple[str, ...]]:
@@ -203,7 +217,7 @@ def _split_flat_name(stem: str) -> tuple[str, tuple[str, ...]]:
     return stem, ()
 
 
-def list_flat(root: Path, source: EmojiSource) -> tuple[list[EmojiImage], list[str]]:
+def list_flat(root: Path, source: EmojiSource) -> Listing:
     """Images of the flat package; files matched by name only are returned too (named_by='file name')."""
     images, by_file_name = [], []
     for path in sorted((root / "icons" / "flat").glob("*.svg")):
@@ -225,7 +239,7 @@ def list_flat(root: Path, source: EmojiSource) -> tuple[list[EmojiImage], list[s
         concept = FLAT_NAME_ALIASES.get(base, base).replace("-", " ")
         key = f"{source.name}-name-" + re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-")
         images.append(EmojiImage(source.name, path, key, concept, tones, "", "file name"))
-    return _first_per_key(images), by_file_name
+    return _listing(images, by_file_name)
 
 
 LISTERS = {"3d": list_3d, "flat": list_flat}

@@ -154,3 +154,16 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "build-emoji" in out and "write-shards" in out
+
+
+def test_every_file_of_both_packages_is_named() -> None:
+    cache = emoji_sources.default_cache_dir()
+    three_d = emoji_sources.list_3d(emoji_sources.fetch(emoji_sources.SOURCES["3d"], cache), emoji_sources.SOURCES["3d"])
+    flat = emoji_sources.list_flat(emoji_sources.fetch(emoji_sources.SOURCES["flat"], cache), emoji_sources.SOURCES["flat"])
+    assert (len(three_d.images), len(three_d.duplicates), three_d.odd) == (3375, 16, [])
+    assert (len(flat.images), flat.duplicates, flat.odd) == (3145, [], [])  # every SVG matched to a codepoint
+    shared = {im.concept for im in three_d.images} & {im.concept for im in flat.images}
+    assert len(shared) > 1500
+    by_key = {im.key: im for im in flat.images}
+    assert by_key["flat-1f621"].path.name == "pouting-face.svg"  # Microsoft's "pouting face" is U+1F621
+    assert by_key["flat-1f64e"].path.name == "person-pouting-default.svg"
