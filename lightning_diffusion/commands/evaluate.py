@@ -116,8 +116,8 @@ def _loader(args: argparse.Namespace, image_size: int, require_caption: bool):  
     return data.val_dataloader()
 
 
-def _real_statistics(args: argparse.Namespace, suite: Any, encoder_name: str, image_size: int, samples: int,
-                     need_features: bool, world: int) -> tuple[Any, bool]:
+def _real_statistics(args: argparse.Namespace, suite: Any, image_size: int, samples: int, need_features: bool,
+                     world: int) -> tuple[Any, bool]:
     from data_pipelines.urls import resolve_shards
     from lightning_diffusion.metrics.real_stats import (
         cache_file, compute_real_statistics, default_cache_dir, load_or_compute, shards_digest,
@@ -125,7 +125,8 @@ def _real_statistics(args: argparse.Namespace, suite: Any, encoder_name: str, im
 
     shards = resolve_shards(args.data, "--data")
     dataset = args.dataset_name or Path(shards[0]).parent.name or "data"
-    path = cache_file(args.cache_dir or default_cache_dir(), dataset=dataset, split="eval", encoder=encoder_name,
+    encoder = suite.encoder.cache_tag or suite.encoder.name
+    path = cache_file(args.cache_dir or default_cache_dir(), dataset=dataset, split="eval", encoder=encoder,
                       resolution=image_size, num_samples=samples, digest=shards_digest(shards))
     per_rank = math.ceil(samples / world)
 
@@ -194,8 +195,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                 effnet_weights=args.effnet_weights, clip_checkpoint=args.clip_ckpt).to(device)
         encoder_name = encoder.name
         suite = FrechetSuite(encoder, frechet_metrics, kid_subset_size=args.kid_subset_size).to(device)
-        stats, real_cached = _real_statistics(args, suite, encoder_name, image_size, args.num_samples,
-                                              "kid" in frechet_metrics, world)
+        stats, real_cached = _real_statistics(args, suite, image_size, args.num_samples, "kid" in frechet_metrics,
+                                              world)
         suite.load_real(stats)
     evaluator = Evaluator(
         metrics, device, frechet=suite,

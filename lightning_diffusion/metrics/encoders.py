@@ -14,6 +14,7 @@ attribute `num_features` spares torchmetrics a dummy forward at 299x299 to find 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -48,11 +49,21 @@ def require_inception_weights(weights_path: str | os.PathLike | None = None) -> 
     return path
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class FeatureEncoder(nn.Module):
     """Base class: frozen, always in eval mode, images in [0, 1] -> float32 features `[B, num_features]`."""
 
     name: str = ""
     num_features: int = 0
+    cache_tag: str = ""  # what identifies these features in cached real statistics (name + weights/variant)
 
     def freeze(self) -> FeatureEncoder:
         self.requires_grad_(False)
@@ -85,6 +96,7 @@ class InceptionV3Encoder(FeatureEncoder):
             feature_extractor_weights_path=str(path),
             antialias=antialias,
         )
+        self.cache_tag = f"inception-{'antialias' if antialias else 'tf1resize'}"
         self.freeze()
 
     def forward(self, images: Tensor) -> Tensor:
@@ -106,6 +118,7 @@ class EfficientNetLite0Encoder(FeatureEncoder):
                             "(with its weights file) or --encoder clip --clip-ckpt PATH") from err
         self.net = EfficientNetLite0Features(None if weights_path is None else str(weights_path), input_size)
         self.num_features = int(self.net.num_features)
+        self.cache_tag = f"effnet{input_size}"
         self.freeze()
 
     def forward(self, images: Tensor) -> Tensor:
@@ -125,6 +138,7 @@ class CLIPImageTowerEncoder(FeatureEncoder):
         size = int(getattr(self.net, "image_size", 64))
         with torch.no_grad():
             self.num_features = int(self.net(torch.zeros(1, 3, size, size)).shape[-1])
+        self.cache_tag = f"clip-{file_digest(checkpoint)[:12]}"  # another CLIP checkpoint, other features
         self.freeze()
 
     def forward(self, images: Tensor) -> Tensor:

@@ -21,8 +21,6 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lightning_diffusion.checkpoints import load_checkpoint
 
-_CHUNK = 1 << 20
-
 
 @dataclass
 class RealStatistics:
@@ -85,17 +83,11 @@ class FeatureStatistics(Metric):
 
 def shards_digest(shards: Iterable[str]) -> str:
     """sha256 over the sorted shards' own sha256 digests (the URL itself for shards that are not local files)."""
+    from lightning_diffusion.metrics.encoders import file_digest
+
     outer = hashlib.sha256()
     for shard in sorted(shards):
-        path = Path(shard)
-        if path.is_file():
-            inner = hashlib.sha256()
-            with path.open("rb") as handle:
-                while chunk := handle.read(_CHUNK):
-                    inner.update(chunk)
-            outer.update(inner.hexdigest().encode())
-        else:
-            outer.update(shard.encode())
+        outer.update((file_digest(shard) if Path(shard).is_file() else shard).encode())
     return outer.hexdigest()
 
 
