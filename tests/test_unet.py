@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
+from denoiser_support import one_thread
 
 from lightning_diffusion.diffusion.attention import CrossAttention
 from lightning_diffusion.diffusion.embeddings import sinusoidal_embedding
 from lightning_diffusion.diffusion.unet import UNet
 
 CONTEXT_DIM = 24
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 def tiny_unet(**overrides: object) -> UNet:
