@@ -86,7 +86,7 @@ class _Towers(torch.nn.Module):
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return torch.randn(N, D_IN, generator=g, dtype=torch.float64), torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    return tuple(torch.randn(N, D_IN, generator=g, dtype=torch.float64) for _ in range(2))
 
 
 KINDS = ("clip", "siglip")

@@ -121,17 +121,17 @@ def test_logit_scale_is_clamped_after_each_step(tmp_path) -> None:
 
 def test_fit_memorises_a_batch_and_logs_retrieval(tmp_path) -> None:
     torch.manual_seed(0)
-    module = CLIPModule(warmup_steps=5, lr=5e-4, weight_decay=0.0)
-    batch = next(iter(dict_batches(16, 16)))
+    module = CLIPModule(warmup_steps=3, lr=5e-4, weight_decay=0.0)
+    batch = next(iter(dict_batches(8, 8)))
     with torch.no_grad():
         before = module.loss_fn(*module(batch["image"], module.batch_tokens(batch)), module.logit_scale()).item()
-    fit = trainer(tmp_path, max_steps=25, limit_val_batches=1, val_check_interval=25)
-    fit.fit(module, repeated(batch, 25), repeated(batch, 1))
+    fit = trainer(tmp_path, max_steps=16, limit_val_batches=1, val_check_interval=16)
+    fit.fit(module, repeated(batch, 16), repeated(batch, 1))
     metrics = fit.callback_metrics
-    assert before > 2.5 and metrics["train/loss"].item() < 0.5
-    assert metrics["val/i2t_recall@1"].item() >= 0.75 and metrics["val/t2i_recall@1"].item() >= 0.75
+    assert before > 2.0 and metrics["train/loss"].item() < 0.5  # log(8) = 2.08 at chance; measured 0.04 here
+    assert metrics["val/i2t_recall@1"].item() == 1.0 and metrics["val/t2i_recall@1"].item() == 1.0
     assert metrics["val/cosine_matched"].item() > metrics["val/cosine_unmatched"].item()
-    assert metrics["val/samples"].item() == 16 and metrics["val/i2t_recall@10"].item() == 1.0
+    assert metrics["val/samples"].item() == 8
     for key in ("val/t2i_recall@5", "val/logit_scale", "val/loss"):
         assert torch.isfinite(metrics[key])
 

@@ -76,3 +76,37 @@ def test_efficientnet_image_tower_starts_from_imagenet_weights() -> None:
     assert trunk and all(torch.equal(value, reference[key]) for key, value in trunk.items())
     features, _ = module(torch.rand(2, 3, 32, 32) * 2 - 1, module.tokenizer(["a", "b"]))
     assert features.shape == (2, 128)
+
+
+def test_locked_towers_keep_their_weights_and_batchnorm_activations(tmp_path) -> None:
+    torch.manual_seed(0)
+    kwargs = dict(image_tower="efficientnet_lite0", text_tower="minilm", load_tower_weights=False, warmup_steps=1)
+    module = CLIPModule(**kwargs, lock_image_tower=True, lock_text_tower=True)
+    unlocked = CLIPModule(**kwargs)
+    unlocked.model.load_state_dict(module.model.state_dict(), strict=False)  # frozen BN has no batch counters
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():  # timm's fused BatchNorm+activation survives the freeze (open_clip's own freeze drops it)
+        torch.testing.assert_close(module.model.visual.trunk(module.normalize_images(images)),
+                                   unlocked.model.visual.trunk.eval()(unlocked.normalize_images(images)))
+    frozen = {name: p.detach().clone() for name, p in module.model.named_parameters() if not p.requires_grad}
+    trainable = {name: p.detach().clone() for name, p in module.model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("visual.trunk.") for n in frozen) and any(n.startswith("text.transformer.") for n in frozen)
+    assert set(trainable) == {"visual.head.proj.weight", "text.proj.weight", "logit_scale"}
+
+    batch = {"image": images, "caption": SENTENCES + ["a tree"], "key": list("abcd")}
+    fit = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                    enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                    num_sanity_val_steps=0)
+    fit.fit(module, DataLoader([batch, batch], batch_size=None), DataLoader([batch], batch_size=None))
+    params = dict(module.model.named_parameters())
+    assert all(torch.equal(params[name], value) for name, value in frozen.items())
+    assert not any(torch.equal(params[name], value) for name, value in trainable.items())
+    assert not module.model.visual.trunk.training and not module.model.text.transformer.training
+    assert module.model.visual.head.training  # validation restored the modes
+
+    fit.save_checkpoint(tmp_path / "locked.ckpt")
+    from lightning_diffusion.clip import CLIPImageEncoder
+
+    encoder = CLIPImageEncoder.from_checkpoint(tmp_path / "locked.ckpt")
+    module.eval()
+    torch.testing.assert_close(encoder(images), module(images, module.tokenizer(batch["caption"]))[0])

@@ -27,6 +27,7 @@ from lightning_diffusion.clip.towers import (
     build_tokenizer,
     image_normalization,
     image_size_of,
+    lock_towers,
     minilm_dir,
 )
 from lightning_diffusion.errors import UserError
@@ -70,27 +71,34 @@ class CLIPTextEncoder(_FrozenLoading, nn.Module):
     """The text tower of a CLIP model: per-token states (final LayerNorm, no pooling) and the pooled embedding.
 
     For open_clip's own text transformer the states are `ln_final(transformer(tokens))` and the pooled embedding
-    is exactly `CLIP.encode_text(tokens)` (unnormalised); for a Hugging Face tower (MiniLM start) the states are
-    the last hidden states and the pooled embedding the projected mean pool.
+    is exactly `encode_text(tokens)` (unnormalised); for a Hugging Face tower (MiniLM start) the states are the
+    last hidden states and the pooled embedding the projected mean pool (open_clip's `output_tokens`).
     """
 
     def __init__(self, model_name: str = "ld-tiny-vit", loss: LossKind = "clip", image_tower: ImageTower = "config",
                  text_tower: TextTower = "config", image_size: Optional[int] = None,
                  context_length: Optional[int] = None, minilm_path: Optional[str] = None,
-                 pretrained: Optional[str] = None) -> None:
+                 pretrained: Optional[str] = None, lock_image_tower: bool = False,
+                 lock_text_tower: bool = False) -> None:
         super().__init__()
         model = build_clip_model(model_name, loss=loss, image_tower=image_tower, text_tower=text_tower,
                                  image_size=image_size, context_length=context_length, minilm_path=minilm_path,
                                  pretrained=pretrained, load_tower_weights=False)
+        lock_towers(model, image=lock_image_tower, text=lock_text_tower)  # same modules (and keys) as in training
         self.tokenizer = build_tokenizer(model_name, text_tower=text_tower, context_length=context_length,
                                          minilm_path=minilm_path)
         self.context_length = int(self.tokenizer.context_length)
         self.pooled_dim = int(model_config(model_name)["embed_dim"])
-        self.hf = isinstance(model, CustomTextCLIP)
-        if self.hf:
+        self.custom = isinstance(model, CustomTextCLIP)
+        if self.custom:
+            # open_clip's separate text tower (a Hugging Face model or a TextTransformer) returns its token
+            # states next to the pooled embedding when asked to.
             self.text = model.text
-            self.width = int(self.text.config.hidden_size)
-            self.pad_id = int(self.text.config.pad_token_id)
+            self.text.output_tokens = True
+            hf_config = getattr(self.text, "config", None)
+            self.width = int(hf_config.hidden_size if hf_config is not None else self.text.width)
+            self.pad_id = int(hf_config.pad_token_id if hf_config is not None else self.text.pad_id)
+            self.pool_type = getattr(self.text, "pool_type", None)
         else:
             # The attribute names are those of `open_clip.CLIP`, so its state-dict keys load unchanged.
             self.token_embedding = model.token_embedding
@@ -102,13 +110,13 @@ class CLIPTextEncoder(_FrozenLoading, nn.Module):
             self.pool_type = model.text_pool_type
             self.eos_id = getattr(model, "text_eos_id", None)
             self.width = int(model.transformer.width)
+            self.pad_id = 0
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, L] -> (states [B, L, width], pooled [B, pooled_dim])."""
-        if self.hf:
-            mask = (tokens != self.pad_id).long()
-            out = self.text.transformer(input_ids=tokens, attention_mask=mask)
-            return out.last_hidden_state, self.text.proj(self.text.pooler(out, mask))
+        if self.custom:
+            pooled, states = self.text(tokens)
+            return states, pooled
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(cast_dtype) + self.positional_embedding.to(cast_dtype)
         states = self.ln_final(self.transformer(x, attn_mask=self.attn_mask))
@@ -120,10 +128,10 @@ class CLIPTextEncoder(_FrozenLoading, nn.Module):
 
     def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """True at real tokens: up to the end-of-text token (argmax pooling) or wherever tokens are not padding."""
-        if not self.hf and self.pool_type == "argmax":
+        if self.pool_type == "argmax":
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             return positions[None, :] <= tokens.argmax(dim=-1, keepdim=True)
-        return tokens != (self.pad_id if self.hf else 0)
+        return tokens != self.pad_id
 
 
 class CLIPImageEncoder(_FrozenLoading, nn.Module):
@@ -132,11 +140,13 @@ class CLIPImageEncoder(_FrozenLoading, nn.Module):
     def __init__(self, model_name: str = "ld-tiny-vit", loss: LossKind = "clip", image_tower: ImageTower = "config",
                  text_tower: TextTower = "config", image_size: Optional[int] = None,
                  context_length: Optional[int] = None, minilm_path: Optional[str] = None,
-                 pretrained: Optional[str] = None) -> None:
+                 pretrained: Optional[str] = None, lock_image_tower: bool = False,
+                 lock_text_tower: bool = False) -> None:
         super().__init__()
         model = build_clip_model(model_name, loss=loss, image_tower=image_tower, text_tower=text_tower,
                                  image_size=image_size, context_length=context_length, minilm_path=minilm_path,
                                  pretrained=pretrained, load_tower_weights=False)
+        lock_towers(model, image=lock_image_tower, text=lock_text_tower)  # same modules (and keys) as in training
         self.visual = model.visual
         self.image_size = image_size_of(model)
         self.embed_dim = int(model_config(model_name)["embed_dim"])

