@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", help="compare every W&B run of this group (sweep) found under --root")
     parser.add_argument("--root", type=Path, default=Path("runs"), help="where to look for --group (default: runs)")
     parser.add_argument("--metrics", help="comma-separated metric keys to report (default: those all runs logged)")
-    parser.add_argument("--out", type=Path, help="folder for summary.json, table.txt and PNGs (default: <root>/compare-<group|runs>)")
+    parser.add_argument("--out", type=Path,
+                        help="folder for summary.json, table.txt and PNGs (default: <root>/compare-<group|runs>)")
 
 
 def higher_is_better(metric: str) -> bool:

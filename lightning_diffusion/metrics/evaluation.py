@@ -112,7 +112,8 @@ class Evaluator:
                 self.perceptual.update(produced, real)
             if self.clip_score is not None:
                 if captions is None:
-                    raise UserError("clip_score needs captions: the shards have none, or the model is not text-conditioned")
+                    raise UserError("clip_score needs captions: the shards have none, or the model is not "
+                                    "text-conditioned")
                 self.clip_score.update(produced, captions)
 
     def total_seen(self) -> int:
