@@ -68,14 +68,20 @@ def test_minilm_text_tower_starts_from_the_pretrained_weights(minilm: MiniLMText
     torch.testing.assert_close(states, hidden, rtol=0, atol=1e-5)
 
 
-def test_efficientnet_image_tower_starts_from_imagenet_weights() -> None:
-    efficientnet = pytest.importorskip("lightning_diffusion.pretrained.efficientnet")
-    reference = efficientnet.load_efficientnet_lite0().state_dict()
+def test_efficientnet_image_tower_starts_from_imagenet_weights(tmp_path) -> None:
+    from lightning_diffusion.pretrained.efficientnet import load_efficientnet_lite0
+
+    reference = load_efficientnet_lite0().state_dict()
     module = CLIPModule(image_tower="efficientnet_lite0")
     trunk = module.model.visual.trunk.state_dict()
-    assert trunk and all(torch.equal(value, reference[key]) for key, value in trunk.items())
-    features, _ = module(torch.rand(2, 3, 32, 32) * 2 - 1, module.tokenizer(["a", "b"]))
+    assert set(reference) - set(trunk) == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(value, reference[key]) for key, value in trunk.items())
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(module.normalize_images(images), images)  # TF weights take [-1, 1] as they are
+    features, _ = module(images, module.tokenizer(["a", "b"]))
     assert features.shape == (2, 128)
+    with pytest.raises(UserError, match="does not exist"):
+        CLIPModule(image_tower="efficientnet_lite0", efficientnet_weights=str(tmp_path / "missing.pth"))
 
 
 def test_locked_towers_keep_their_weights_and_batchnorm_activations(tmp_path) -> None:

