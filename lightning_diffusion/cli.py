@@ -126,8 +126,26 @@ def run_lightning(args: list[str]) -> None:
         )
     except ArgumentError as err:
         raise UserError(f"{_one_line(str(err))} (see `python -m lightning_diffusion {args[0]} --help`)") from err
+    except Exception as err:
+        # jsonargparse wraps errors raised while instantiating classes (a model's constructor validating its
+        # arguments) in its own exceptions: surface the user's error itself.
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        raise user_error from None
     finally:
         sys.argv = saved_argv
+
+
+def _find_user_error(err: BaseException) -> UserError | None:
+    """The `UserError` in an exception's cause/context chain, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _trainer_defaults() -> dict[str, Any]:

@@ -12,6 +12,7 @@ import yaml
 
 from lightning_diffusion.cli import _one_line, main
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BORING = ["--model", "lightning.pytorch.demos.boring_classes.BoringModel",
           "--data", "lightning.pytorch.demos.boring_classes.BoringDataModule"]
 
@@ -53,6 +54,8 @@ def test_print_config_merges_configs_and_overrides(tmp_path: Path) -> None:
         (["fit", *BORING, "--trainer.max_steps", "many"], "trainer.max_steps"),
         (["fit", "--model", "lightning.pytorch.demos.boring_classes.NoSuchModel", "--data", BORING[3]], "NoSuchModel"),
         (["frobnicate"], "unknown command 'frobnicate'"),
+        # a UserError raised by a model's constructor, wrapped by jsonargparse on the way out
+        (["fit", "--config", str(CONFIGS / "denoiser" / "latent_text_tiny.yaml")], "model.vae_checkpoint"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
