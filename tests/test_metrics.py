@@ -130,6 +130,8 @@ def test_metric_keys_carry_encoder_and_count() -> None:
     assert metric_key("kid", "effnet", 1500) == "kd_effnet@1.5k"
     assert metric_key("clip_score", "clip", 1000) == "clip_score_clip@1k"
     assert metric_key("psnr", None, 250) == "psnr@250"
+    assert metric_key("fid", "effnet", 500, role="recon") == "fd_effnet_recon@500"
+    assert metric_key("kid", "inception", 5000, role="recon") == "kid_inception_recon@5k"
     assert format_count(1234) == "1234"
 
 

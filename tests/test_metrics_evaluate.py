@@ -93,8 +93,8 @@ def test_evaluate_reconstruction_metrics_and_cached_real_statistics(tmp_path: Pa
     first = evaluate(tmp_path, ckpt, TinyAutoencoder, "fid,kid,psnr,ssim", "first.json")
     printed = capsys.readouterr().out
     assert first["task"] == "reconstruction" and first["encoder"] == "tiny"
-    assert set(first["metrics"]) == {"recon_fd_tiny@8", "recon_kd_tiny@8", "recon_psnr@8", "recon_ssim@8"}
-    assert "recon_fd_tiny@8" in printed and first["real_statistics_cached"] is False
+    assert set(first["metrics"]) == {"fd_tiny_recon@8", "kd_tiny_recon@8", "psnr@8", "ssim@8"}
+    assert "fd_tiny_recon@8" in printed and first["real_statistics_cached"] is False
     assert tiny_encoder[0].calls == 4  # 2 batches of 4 real images, 2 of reconstructions
 
     # PSNR by hand: the first 8 images x in [0, 1] against (0.75 (2x - 1) + 1) / 2, per image, then averaged
@@ -102,8 +102,8 @@ def test_evaluate_reconstruction_metrics_and_cached_real_statistics(tmp_path: Pa
         real = np.stack([sample["png"] for _, sample in zip(range(8), data)]).astype(np.float64) / 255
     recon = (0.75 * (2 * real - 1) + 1) / 2
     mse = ((real - recon) ** 2).reshape(8, -1).mean(1)
-    assert first["metrics"]["recon_psnr@8"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
-    assert 0 < first["metrics"]["recon_ssim@8"] < 1 and first["metrics"]["recon_fd_tiny@8"] > 0
+    assert first["metrics"]["psnr@8"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
+    assert 0 < first["metrics"]["ssim@8"] < 1 and first["metrics"]["fd_tiny_recon@8"] > 0
 
     second = evaluate(tmp_path, ckpt, TinyAutoencoder, "fid,kid,psnr,ssim", "second.json")
     assert second["real_statistics_cached"] is True and tiny_encoder[1].calls == 2  # no second real pass
@@ -188,7 +188,7 @@ def test_evaluate_lpips_uses_the_backbone_file_in_torch_home(tmp_path: Path, cap
     backbone.parent.mkdir(parents=True)
     torch.save(torchvision.models.alexnet().state_dict(), backbone)
     assert main(base) == 0
-    value = json.loads((tmp_path / "lpips.json").read_text())["metrics"]["recon_lpips_alex@4"]
+    value = json.loads((tmp_path / "lpips.json").read_text())["metrics"]["lpips_alex@4"]
 
     with wds.WebDataset(str(tmp_path / "shards" / "val-000000.tar"), shardshuffle=False).decode("torchrgb") as data:
         real = torch.stack([sample["png"] for sample in data]) * 2 - 1

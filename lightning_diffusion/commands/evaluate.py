@@ -213,7 +213,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         lpips=_lpips(args, device) if "lpips" in metrics else None, lpips_name=args.lpips_net,
         clip_score=_clip_score(args, device) if "clip_score" in metrics else None,
         perceptual=_perceptual(args, device) if "perceptual" in metrics else None,
-        prefix="recon_" if task == "reconstruction" else "",
+        frechet_role="recon" if task == "reconstruction" else None,  # as the VAE-GAN's validation names it
     )
     from tqdm.auto import tqdm
 

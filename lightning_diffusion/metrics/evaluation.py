@@ -77,9 +77,9 @@ class Evaluator:
         lpips_name: str | None = None,
         clip_score: Metric | None = None,
         perceptual: Metric | None = None,
-        prefix: str = "",
+        frechet_role: str | None = None,
     ) -> None:
-        self.metrics, self.prefix = metrics, prefix
+        self.metrics, self.frechet_role = metrics, frechet_role
         self.seen = 0  # images scored on this rank
         self.frechet = frechet
         self.lpips, self.lpips_name = lpips, lpips_name
@@ -125,7 +125,7 @@ class Evaluator:
         n = self.total_seen()
         results: dict[str, float] = {}
         if self.frechet is not None:
-            results.update(self.frechet.compute(n))
+            results.update(self.frechet.compute(n, self.frechet_role))
         if self.lpips is not None:
             results[metric_key("lpips", self.lpips_name, n)] = float(self.lpips.compute())
         if self.perceptual is not None:
@@ -136,7 +136,7 @@ class Evaluator:
             results[metric_key("ssim", None, n)] = float(self.ssim.compute())
         if self.clip_score is not None:
             results[self.clip_score.key(n)] = float(self.clip_score.compute())
-        return {f"{self.prefix}{key}": value for key, value in results.items()}
+        return results
 
 
 def run_evaluation(

@@ -133,19 +133,20 @@ class FrechetSuite(nn.Module):
     def encoder_device(self) -> torch.device:
         return next(iter(self.encoder.parameters()), torch.empty(0)).device
 
-    def compute(self, num_samples: int) -> dict[str, float]:
-        """Call on every rank. `num_samples` (generated images, all ranks) names the keys and bounds KID's subsets."""
+    def compute(self, num_samples: int, role: str | None = None) -> dict[str, float]:
+        """Call on every rank. `num_samples` (generated images, all ranks) names the keys and bounds KID's subsets;
+        `role='recon'` names reconstructions (`fd_effnet_recon@500`)."""
         results: dict[str, float] = {}
         name = self.encoder.name
         if self.fid is not None:
-            results[metric_key("fid", name, num_samples)] = float(self.fid.compute())
+            results[metric_key("fid", name, num_samples, role)] = float(self.fid.compute())
         if self.kid is not None:
             real_count = sum_over_ranks(self._real_count)
             self.kid.subset_size = max(2, min(self.kid_subset_size, num_samples, real_count))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)  # same subsets on every rank
                 kid_mean, _ = self.kid.compute()
-            results[metric_key("kid", name, num_samples)] = float(kid_mean)
+            results[metric_key("kid", name, num_samples, role)] = float(kid_mean)
         return results
 
     def reset(self) -> None:

@@ -18,16 +18,17 @@ def format_count(num_samples: int) -> str:
     return f"{thousands:g}k"
 
 
-def metric_key(metric: str, encoder: str | None, num_samples: int) -> str:
+def metric_key(metric: str, encoder: str | None, num_samples: int, role: str | None = None) -> str:
     """Name a metric result, e.g. `metric_key('fid', 'clip', 1000) == 'fd_clip@1k'`.
 
     `fid`/`kid` keep their names with Inception and become `fd`/`kd` with any other encoder; other metrics
-    (`lpips`, `clip_score`, `psnr`, ...) get `_<encoder>` when an encoder (or network) is involved.
+    (`lpips`, `clip_score`, `psnr`, ...) get `_<encoder>` when an encoder (or network) is involved. `role` says
+    what was compared when it is not generated samples: `metric_key('fid', 'effnet', 500, 'recon') ==
+    'fd_effnet_recon@500'` (reconstructions against their inputs).
     """
     if metric in ("fid", "kid"):
         if encoder is None:
             raise ValueError(f"{metric} needs an encoder name")
-        stem = metric if encoder == "inception" else metric.replace("i", "", 1)
-        return f"{stem}_{encoder}@{format_count(num_samples)}"
-    stem = f"{metric}_{encoder}" if encoder else metric
-    return f"{stem}@{format_count(num_samples)}"
+        metric = metric if encoder == "inception" else metric.replace("i", "", 1)
+    parts = [metric, *(part for part in (encoder, role) if part)]
+    return f"{'_'.join(parts)}@{format_count(num_samples)}"
