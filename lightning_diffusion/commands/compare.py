@@ -195,11 +195,12 @@ def run(args: argparse.Namespace) -> int:
     summary = {"runs": rows, "hparams": hparams, "metrics": metrics}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     plots = []
+    swept = {key: values for key, values in hparams.items() if sum(value is not None for value in values) >= 2}
     for metric in metrics:
         path = out / f"curves_{_file_name(metric)}.png"
         plot_curves(runs, metric, path)
         plots.append(path)
-        for hparam, values in hparams.items():
+        for hparam, values in swept.items():  # set in at least two runs: something to plot against
             path = out / f"{_file_name(metric)}_vs_{_file_name(hparam)}.png"
             plot_against(rows, metric, hparam, values, path)
             plots.append(path)
