@@ -60,7 +60,8 @@ class _FrozenLoading:
         missing = [k for k in own if k not in state]
         if missing:
             raise UserError(f"CLIP checkpoint '{path}' lacks {len(missing)} weights of its encoder (first: "
-                            f"{missing[0]}): it does not match its own hyper-parameters; re-export it")
+                            f"{missing[0]}): its weights do not match its hyper-parameters; use a checkpoint "
+                            "written by this version's CLIPModule")
         encoder.load_state_dict({k: state[k] for k in own}, strict=True)
         return _frozen(encoder)
 
