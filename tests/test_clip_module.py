@@ -196,6 +196,24 @@ def test_uncached_pretrained_tag_fails_fast_with_the_missing_file(tmp_path, monk
         build_clip_model("ld-tiny-vit", pretrained="no-such-tag")
 
 
+def test_cached_pretrained_tag_is_loaded_from_the_hf_cache(tmp_path, monkeypatch) -> None:
+    """A tag whose weights sit in the Hugging Face cache loads without the network, with the tag's mean/std."""
+    from safetensors.torch import save_file
+
+    source = open_clip.create_model("ld-tiny-vit")
+    repo = tmp_path / "models--test--ld-tiny-vit"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(source.state_dict(), repo / "snapshots" / ("0" * 40) / "open_clip_model.safetensors")
+    tag = {"hf_hub": "test/ld-tiny-vit/", "url": "", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, t: tag if t == "t" else {})
+    model = build_clip_model("ld-tiny-vit", pretrained="t", cache_dir=str(tmp_path))
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert tuple(model.visual.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
+
+
 def test_pretrained_weights_file_is_loaded(tmp_path) -> None:
     source = open_clip.create_model("ld-tiny-vit")
     torch.save(source.state_dict(), tmp_path / "weights.pt")
