@@ -128,8 +128,8 @@ def test_overfitting_a_fixed_batch_lifts_psnr_and_reloads_identically(tmp_path: 
     x = images(8)
     model = VAEGAN(**TINY, reconstruction="l2", disc_weight=0.0, lr=2e-3)
     untrained = psnr(model, x)
-    fit = trainer(tmp_path, max_steps=60)
-    fit.fit(model, loader(x, repeats=60))
+    fit = trainer(tmp_path, max_steps=40)
+    fit.fit(model, loader(x, repeats=40))
     trained = psnr(model, x)
     assert trained > untrained + 6.0, (untrained, trained)
     assert model.latent_scale_measured and float(model.latent_scale) != 1.0
@@ -197,35 +197,3 @@ def test_a_non_finite_loss_stops_training(tmp_path: Path) -> None:
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="non-finite VAE-GAN loss at step 0"):
         trainer(tmp_path, max_steps=2).fit(VAEGAN(**TINY), loader(x, batch_size=4))
-
-
-def _latent_scale_rank(rank: int, init_file: str, state: dict, result_file: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    model = VAEGAN(**TINY)
-    model.load_state_dict(state)
-    batches = [{"image": images(4, seed=10 * rank + i) * (1 + 2 * rank)} for i in range(2)]
-    torch.manual_seed(rank)
-    scale = model.measure_latent_scale(batches, num_batches=2)
-    torch.save({"scale": scale, "buffer": float(model.latent_scale)}, f"{result_file}.{rank}")
-    dist.destroy_process_group()
-
-
-def test_measure_latent_scale_is_all_reduced_over_ranks(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    model = VAEGAN(**TINY)
-    mp.spawn(_latent_scale_rank, args=(str(tmp_path / "init"), model.state_dict(), str(tmp_path / "out")), nprocs=2)
-    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
-    assert results[0]["scale"] == results[1]["scale"] == results[0]["buffer"]
-    samples = []
-    with torch.no_grad():
-        for rank in range(2):  # the ranks' draws: seed = rank, posterior samples in batch order
-            torch.manual_seed(rank)
-            for i in range(2):
-                samples.append(model.encode(images(4, seed=10 * rank + i) * (1 + 2 * rank)).sample().double().flatten())
-    z = torch.cat(samples)
-    assert results[0]["scale"] == pytest.approx(float(1 / z.std()), rel=1e-6)
-    assert abs(results[0]["scale"] - float(1 / torch.cat(samples[:2]).std())) > 1e-3  # rank 0 alone differs

@@ -3,7 +3,7 @@
 The test runs this file as a script in a subprocess (Lightning's ddp launcher re-runs the script for rank 1; a
 fork after OpenMP use can hang, a fresh interpreter cannot). Training crosses `disc_start`, so the reducer sees
 steps without and with the GAN terms (plain "ddp": `find_unused_parameters=False`). Each rank records the
-posterior samples of its batches; the test checks both ranks end with the same weights (discriminator
+posterior samples of its batches and finally calls `measure_latent_scale` on its own data; the test checks both ranks end with the same weights (discriminator
 included, trained after `disc_start` only), the same `latent_scale`, equal to 1 / std of both ranks' samples of
 the last `latent_scale_batches` steps, and that the Lightning checkpoint reloads through `load_frozen`.
 """
@@ -35,6 +35,14 @@ def write_shards(directory: Path) -> None:
                 pixels = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((5, 5, 1))).astype(np.uint8)  # 20 px
                 Image.fromarray(pixels).save(buffer, format="PNG")
                 writer.write({"__key__": f"s{shard}_{index:03d}", "png": buffer.getvalue(), "txt": "an emoji"})
+
+
+def rank_batches(rank: int) -> list[dict]:
+    """Different data per rank (and a different spread) for `measure_latent_scale`."""
+    import torch
+
+    g = torch.Generator().manual_seed(10 + rank)
+    return [{"image": (torch.rand(4, 3, 16, 16, generator=g) * 2 - 1) * (0.3 + 0.7 * rank)} for _ in range(3)]
 
 
 def main(directory: str) -> None:
@@ -76,8 +84,11 @@ def main(directory: str) -> None:
                       callbacks=[record, checkpoint], default_root_dir=directory)
     trainer.fit(model, datamodule=data)
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-    result = {"latents": record.latents, "disc_changed": record.disc_changed, "global_step": trainer.global_step,
-              "latent_scale": float(model.latent_scale), "weights_sum": float(weights.double().sum()),
+    training_scale = float(model.latent_scale)
+    torch.manual_seed(trainer.global_rank)
+    measured = model.measure_latent_scale(rank_batches(trainer.global_rank), num_batches=2)
+    result = {"measured": measured, "measured_buffer": float(model.latent_scale),"latents": record.latents, "disc_changed": record.disc_changed, "global_step": trainer.global_step,
+              "latent_scale": training_scale, "weights_sum": float(weights.double().sum()),
               "weights_abs": float(weights.double().abs().sum())}
     Path(directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
@@ -105,6 +116,16 @@ def test_ddp_fit_across_disc_start_syncs_weights_and_latent_scale(tmp_path: Path
     assert ranks[0]["latent_scale"] == pytest.approx(float(1 / window.std()), rel=1e-5)
     frozen = VAEGAN.load_frozen(tmp_path / "checkpoints" / "last.ckpt")
     assert float(frozen.latent_scale) == ranks[0]["latent_scale"]
+
+    # measure_latent_scale after training: every rank gets 1 / std of both ranks' samples
+    samples = []
+    with torch.no_grad():
+        for rank in range(2):  # the ranks' draws: seed = rank, two batches in order
+            torch.manual_seed(rank)
+            samples += [frozen.encode(batch["image"]).sample().double().flatten() for batch in rank_batches(rank)[:2]]
+    assert ranks[0]["measured"] == ranks[1]["measured"] == ranks[0]["measured_buffer"]
+    assert ranks[0]["measured"] == pytest.approx(float(1 / torch.cat(samples).std()), rel=1e-5)
+    assert ranks[0]["measured"] != pytest.approx(float(1 / torch.cat(samples[:2]).std()), rel=1e-4)  # not rank 0's own
 
 
 if __name__ == "__main__":
