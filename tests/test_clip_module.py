@@ -57,16 +57,16 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
-    """A few steps of each loss on dict batches, saved as Lightning checkpoints."""
+    """A few steps of each loss (and of the ResNet config) on dict batches, saved as Lightning checkpoints."""
     out = {}
-    for loss in ("clip", "siglip"):
-        root = tmp_path_factory.mktemp(loss)
+    for name, kwargs in {"clip": {}, "siglip": {"loss": "siglip"}, "rn": {"model_name": "ld-tiny-rn"}}.items():
+        root = tmp_path_factory.mktemp(name)
         torch.manual_seed(0)
-        module = CLIPModule(loss=loss, warmup_steps=1, lr=1e-3)
+        module = CLIPModule(warmup_steps=1, lr=1e-3, **kwargs)
         fit = trainer(root, max_steps=3, limit_val_batches=1)
         fit.fit(module, dict_batches(), dict_batches(seed=1))
-        out[loss] = root / "clip.ckpt"
-        fit.save_checkpoint(out[loss])
+        out[name] = root / "clip.ckpt"
+        fit.save_checkpoint(out[name])
     return out
 
 
@@ -144,9 +144,9 @@ def test_a_nan_loss_stops_training(tmp_path) -> None:
         trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, repeated(batch, 1))
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_exported_encoders_reload_exactly_and_frozen(trained, loss: str) -> None:
-    path = trained[loss]
+@pytest.mark.parametrize("variant", ["clip", "siglip", "rn"])
+def test_exported_encoders_reload_exactly_and_frozen(trained, variant: str) -> None:
+    path = trained[variant]
     module = CLIPModule.load_from_checkpoint(path, weights_only=True).eval().requires_grad_(False)
     text, image = CLIPTextEncoder.from_checkpoint(path), CLIPImageEncoder.from_checkpoint(path)
     for encoder in (text, image):
