@@ -197,3 +197,16 @@ def test_a_non_finite_loss_stops_training(tmp_path: Path) -> None:
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="non-finite VAE-GAN loss at step 0"):
         trainer(tmp_path, max_steps=2).fit(VAEGAN(**TINY), loader(x, batch_size=4))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_steps_both_networks(tmp_path: Path, precision: str) -> None:
+    model = VAEGAN(**TINY, disc_start=2)
+    watch = DiscriminatorWatch()
+    fit = Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, precision=precision, callbacks=[watch],
+                  enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                  default_root_dir=tmp_path)
+    fit.fit(model, loader(images(16), batch_size=4))
+    assert watch.changed == [False, False, True, True]
+    assert all(torch.isfinite(value) for value in fit.callback_metrics.values())
+    assert model.latent_scale.dtype == torch.float32 and model.encoder.conv_in.weight.dtype == torch.float32
