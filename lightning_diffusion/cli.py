@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
 import sys
 from typing import Any
@@ -167,7 +166,6 @@ def _run_project_command(name: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to LightningCLI or a project command; user errors print one line and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_level_help())
         return 0 if argv else 2
