@@ -72,7 +72,7 @@ class VAEGAN(LightningModule):
         disc_layers: int = 3,
         disc_channels: int = 64,
         real_label: float = 1.0,
-        lr: float = 4.5e-6 * 8,
+        lr: float = 1e-4,
         disc_lr: float | None = None,
         betas: tuple[float, float] = (0.5, 0.9),
         grad_clip: float = 0.0,

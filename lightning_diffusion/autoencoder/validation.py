@@ -28,6 +28,7 @@ class ReconstructionMetrics:
             "kl": MeanMetric(),
             "rec_l1": MeanMetric(),
         }
+        self.perceptual_name = perceptual_name
         if perceptual_name is not None:
             self.metrics[perceptual_name] = MeanMetric()
         self.frechet = None
@@ -60,9 +61,8 @@ class ReconstructionMetrics:
             self.metrics["ssim"].update(fake, real)
             self.metrics["kl"].update(kl.float())
             self.metrics["rec_l1"].update((fake - real).abs().mul(2).flatten(1).mean(1))
-            if perceptual is not None:
-                name = next(key for key in self.metrics if key not in ("psnr", "ssim", "kl", "rec_l1"))
-                self.metrics[name].update(perceptual.float())
+            if perceptual is not None and self.perceptual_name is not None:
+                self.metrics[self.perceptual_name].update(perceptual.float())
             if self.frechet is not None:
                 self.frechet.update(real, real=True)
                 self.frechet.update(fake, real=False)
