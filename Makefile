@@ -29,6 +29,11 @@ run: $(STAMP) $(DATA)/manifest.json
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest
 
+# The whole chain (shards if missing, VAE-GAN, CLIP, latents, denoiser, evaluation, report); finished stages are skipped.
+.PHONY: quickstart
+quickstart: $(STAMP)
+	$(PY) -m lightning_diffusion pipeline --preset quickstart --out runs/quickstart
+
 bench: $(STAMP) $(DATA)/manifest.json
 	$(PY) benchmarks/data_throughput.py --shards '$(DATA)/train-*.tar'
 
