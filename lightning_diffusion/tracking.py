@@ -152,7 +152,7 @@ def _log_config_to_wandb(logger: WandbLogger, config_yaml: str, config: dict[str
     logger.log_hyperparams(config)
     run = logger.experiment
     run_dir = getattr(run, "dir", None)
-    if run_dir:
+    if run_dir and Path(run_dir).is_dir():  # WANDB_MODE=disabled gives a dummy run whose dir does not exist
         path = Path(run_dir) / CONFIG_FILE
         path.write_text(config_yaml)
         run.save(str(path), base_path=run_dir, policy="now")
