@@ -260,7 +260,7 @@ class Denoiser(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x0 = self.batch_x0(batch)
         condition = self.batch_condition(batch)
-        if self.guidable and self.hparams.p_uncond > 0:
+        if self.guidable:  # also at p_uncond 0: the null parameters stay in the graph, as plain DDP requires
             condition = self.null.drop(condition, self.drop_mask(x0.shape[0], batch_idx))
         if self.hparams.objective == "flow":
             t = sample_flow_time(x0.shape[0], None, self.device)
