@@ -112,6 +112,10 @@ def autocast_checked(update: Callable, seen: list[bool]) -> Callable:
     return checked
 
 
+def record_output_dtypes(module: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
+    module.register_forward_hook(lambda mod, args, output: dtypes.append(output.dtype))
+
+
 def bf16_trainer(tmp_path: Path, max_steps: int, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, precision="bf16-mixed", logger=False,
                       enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
@@ -139,12 +143,15 @@ def test_clip_bf16_mixed_trains_and_validates_outside_autocast(tmp_path: Path, n
     seen: list[bool] = []
     monkeypatch.setattr(clip_module, "retrieval_metrics", autocast_checked(clip_module.retrieval_metrics, seen))
     model = tiny_clip(name)
+    dtypes: list[torch.dtype] = []
+    record_output_dtypes(model.model.visual, dtypes)
     trainer = bf16_trainer(tmp_path, 3, limit_val_batches=1, val_check_interval=3)
     trainer.fit(model, DataLoader([clip_batch(s) for s in range(3)], batch_size=None),
                 DataLoader([clip_batch(9)], batch_size=None))
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
-    assert seen == [False]  # retrieval metrics ran once, outside autocast
+    assert dtypes == [torch.bfloat16] * 4  # 3 training steps and one validation batch ran under bf16 autocast
+    assert seen == [False]  # the retrieval metrics ran once, outside autocast
     assert model.model.logit_scale.dtype == torch.float32
 
 
@@ -159,9 +166,12 @@ def test_denoiser_bf16_mixed_trains(tmp_path: Path, monkeypatch) -> None:
 
     model = Denoiser(**DENOISER)
     before = [p.detach().clone() for p in model.parameters()]
+    dtypes: list[torch.dtype] = []
+    record_output_dtypes(model.unet, dtypes)
     bf16_trainer(tmp_path, 3, limit_val_batches=0, callbacks=[Losses()]).fit(
         model, DataLoader([fixed_batch(4, s) for s in range(3)], batch_size=None))
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert dtypes == [torch.bfloat16] * 3
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -177,9 +187,12 @@ def test_vae_gan_validation_metrics_update_outside_bf16_autocast(tmp_path: Path,
         monkeypatch.setattr(metric, "update", autocast_checked(metric.update, seen))  # wrapped at construction
     batches = [{"image": batch["image"][:4], "key": batch["key"][:4]} for batch in vae_batches()]
     model = KeyedNoiseVAEGAN(**TINY_VAE)
+    dtypes: list[torch.dtype] = []
+    record_output_dtypes(model.decoder, dtypes)
     trainer = bf16_trainer(tmp_path, 2, limit_val_batches=1, val_check_interval=2)
     trainer.fit(model, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
-    assert len(seen) == 5 and not any(seen)  # psnr, ssim, kl, rec_l1 (MeanMetric twice)... one validation batch
+    assert dtypes == [torch.bfloat16] * 3  # 2 training steps and the validation batch under bf16 autocast
+    assert seen == [False] * 4  # psnr, ssim, kl and rec_l1 of the one validation batch, all outside autocast
     assert all(torch.isfinite(trainer.callback_metrics[f"val/{key}"]) for key in ("psnr", "ssim", "kl"))
 
 
@@ -193,7 +206,7 @@ def fp16_steps(module: pl.LightningModule, batches: list[dict[str, Any]]) -> tup
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.float16):
             loss = module.training_step(batch, index)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -213,7 +226,10 @@ def test_fp16_autocast_with_grad_scaler_steps(kind: str, monkeypatch) -> None:
         module = tiny_clip(kind)
         batches = [clip_batch(s) for s in range(3)]
     before = [p.detach().clone() for p in module.parameters()]
+    dtypes: list[torch.dtype] = []
+    record_output_dtypes(module.unet if kind == "denoiser" else module.model.visual, dtypes)
     losses, scaler = fp16_steps(module, batches)
+    assert dtypes == [torch.float16] * 3
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert scaler.get_scale() >= 2.0 ** 9  # at most one skipped (overflowing) step
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
