@@ -106,17 +106,15 @@ TINY = [  # the 30-concept build has 4 validation images; a few steps per stage
 def test_the_smoke_chain_writes_every_stage_and_a_second_call_skips_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from data_pipelines.cli import main as data_main
-
     data, out = tmp_path / "emoji", tmp_path / "run"
-    assert data_main(["build-emoji", "--out", str(data), "--size", "32", "--limit", "30"]) == 0
-    counts = json.loads((data / "manifest.json").read_text())["counts"]
     args = ["pipeline", "--preset", "smoke", "--out", str(out), "--data", str(data), "--quiet",
-            *(x for o in TINY for x in ("--override", o))]
-    assert main(args) == 0
+            *(x for o in ["data.limit=30", "data.build_size=32", *TINY] for x in ("--override", o))]
+    assert main(args) == 0  # builds the 30-concept emoji subset first
     capsys.readouterr()
+    counts = json.loads((data / "manifest.json").read_text())["counts"]
+    assert "build-emoji --out" in (out / "data" / "command.txt").read_text() and counts["val"]["total"] >= 4
 
-    for stage in STAGES[1:]:
+    for stage in STAGES:
         assert (out / stage / "done.json").is_file(), stage
     for stage in ("vae_gan", "clip", "denoiser"):
         assert (out / stage / "checkpoints" / "last.ckpt").is_file()
@@ -143,7 +141,7 @@ def test_the_smoke_chain_writes_every_stage_and_a_second_call_skips_them(
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert all(f"{stage}: finished earlier, skipped" in err for stage in STAGES[1:])
+    assert all(f"{stage}: finished earlier, skipped" in err for stage in STAGES[1:]) and "not rebuilt" in err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
     assert main([*args, "--force", "report"]) == 0

@@ -257,7 +257,8 @@ class Pipeline:
 
         forced = self.forced_from == 0
         if manifest.is_file() and not forced:
-            self.seconds["data"] = 0.0
+            done = self.stage_dir("data") / DONE  # built by an earlier call of this run: keep its build time
+            self.seconds["data"] = json.loads(done.read_text()).get("seconds", 0.0) if done.is_file() else 0.0
             print(f"[pipeline] data: {manifest} exists, not rebuilt", file=sys.stderr)
             return
         self.stage("data", [manifest], build)
