@@ -81,7 +81,10 @@ SLURM_VARS = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_JO
 
 def _slurm_env(monkeypatch: pytest.MonkeyPatch, rank: int, nodes: int, per_node: int, **extra: str) -> None:
     for var in SLURM_VARS:
-        monkeypatch.delenv(var, raising=False)
+        # set, then delete: monkeypatch then removes the variable again at teardown even when it was unset, so
+        # what Lightning's SLURMEnvironment writes into os.environ (MASTER_ADDR/PORT) cannot leak into later tests
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     values = {"SLURM_NTASKS": nodes * per_node, "SLURM_NTASKS_PER_NODE": per_node, "SLURM_NNODES": nodes,
               "SLURM_JOB_NUM_NODES": nodes, "SLURM_PROCID": rank, "SLURM_LOCALID": rank % per_node,
               "SLURM_NODEID": rank // per_node, "SLURM_JOB_ID": 123456, "SLURM_JOB_NAME": "ld-multinode",
