@@ -124,8 +124,12 @@ def test_ddp_fit_across_disc_start_syncs_weights_and_latent_scale(tmp_path: Path
             torch.manual_seed(rank)
             samples += [frozen.encode(batch["image"]).sample().double().flatten() for batch in rank_batches(rank)[:2]]
     assert ranks[0]["measured"] == ranks[1]["measured"] == ranks[0]["measured_buffer"]
-    assert ranks[0]["measured"] == pytest.approx(float(1 / torch.cat(samples).std()), rel=1e-5)
-    assert ranks[0]["measured"] != pytest.approx(float(1 / torch.cat(samples[:2]).std()), rel=1e-4)  # not rank 0's own
+    global_scale = float(1 / torch.cat(samples).std())
+    own_scale = float(1 / torch.cat(samples[:2]).std())  # what rank 0 alone would measure
+    assert ranks[0]["measured"] == pytest.approx(global_scale, rel=1e-5)
+    # closer to the global value than to rank 0's own (the two can lie within 1e-4 of each other: the posterior
+    # noise dominates the latents of a barely trained encoder)
+    assert abs(ranks[0]["measured"] - global_scale) < abs(own_scale - global_scale) / 2
 
 
 if __name__ == "__main__":
