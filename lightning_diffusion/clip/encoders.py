@@ -68,6 +68,17 @@ class _FrozenLoading:
     load_frozen = from_checkpoint  # the name docs/conventions.md gives frozen loaders
 
 
+def _trained_architecture(model_name: str, loss: LossKind, image_tower: ImageTower, text_tower: TextTower,
+                          image_size: Optional[int], context_length: Optional[int], minilm_path: Optional[str],
+                          pretrained: Optional[str], lock_image_tower: bool, lock_text_tower: bool) -> nn.Module:
+    """The CLIP model with the same modules (and state-dict keys) as in training; weights come from the checkpoint."""
+    model = build_clip_model(model_name, loss=loss, image_tower=image_tower, text_tower=text_tower,
+                             image_size=image_size, context_length=context_length, minilm_path=minilm_path,
+                             pretrained=pretrained, load_tower_weights=False)
+    lock_towers(model, image=lock_image_tower, text=lock_text_tower)
+    return model
+
+
 class CLIPTextEncoder(_FrozenLoading, nn.Module):
     """The text tower of a CLIP model: per-token states (final LayerNorm, no pooling) and the pooled embedding.
 
@@ -82,10 +93,8 @@ class CLIPTextEncoder(_FrozenLoading, nn.Module):
                  pretrained: Optional[str] = None, lock_image_tower: bool = False,
                  lock_text_tower: bool = False) -> None:
         super().__init__()
-        model = build_clip_model(model_name, loss=loss, image_tower=image_tower, text_tower=text_tower,
-                                 image_size=image_size, context_length=context_length, minilm_path=minilm_path,
-                                 pretrained=pretrained, load_tower_weights=False)
-        lock_towers(model, image=lock_image_tower, text=lock_text_tower)  # same modules (and keys) as in training
+        model = _trained_architecture(model_name, loss, image_tower, text_tower, image_size, context_length,
+                                      minilm_path, pretrained, lock_image_tower, lock_text_tower)
         self.tokenizer = build_tokenizer(model_name, text_tower=text_tower, context_length=context_length,
                                          minilm_path=minilm_path)
         self.context_length = int(self.tokenizer.context_length)
@@ -144,10 +153,8 @@ class CLIPImageEncoder(_FrozenLoading, nn.Module):
                  pretrained: Optional[str] = None, lock_image_tower: bool = False,
                  lock_text_tower: bool = False) -> None:
         super().__init__()
-        model = build_clip_model(model_name, loss=loss, image_tower=image_tower, text_tower=text_tower,
-                                 image_size=image_size, context_length=context_length, minilm_path=minilm_path,
-                                 pretrained=pretrained, load_tower_weights=False)
-        lock_towers(model, image=lock_image_tower, text=lock_text_tower)  # same modules (and keys) as in training
+        model = _trained_architecture(model_name, loss, image_tower, text_tower, image_size, context_length,
+                                      minilm_path, pretrained, lock_image_tower, lock_text_tower)
         self.visual = model.visual
         self.image_size = image_size_of(model)
         self.embed_dim = int(model_config(model_name)["embed_dim"])
