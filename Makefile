@@ -34,8 +34,9 @@ test: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) -m lightning_diffusion pipeline --preset quickstart --out runs/quickstart
 
+# Every ratio benchmark -> benchmarks/results/*.json and a table; `make bench BENCH_ARGS=--quick` for a smoke check.
 bench: $(STAMP) $(DATA)/manifest.json
-	$(PY) benchmarks/data_throughput.py --shards '$(DATA)/train-*.tar'
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,6 +8,7 @@ start-up included) over the same number of samples, alternating, median of `--re
 CPU time per sample (this process and its workers) is reported too, as it does not swing with other load.
 
     python benchmarks/data_throughput.py --shards 'data/emoji/train-*.tar' --image-size 32 --workers 2
+    python benchmarks/data_throughput.py --quick   # 256 synthetic samples, a smoke check
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
-import os
-import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +27,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import add_common_arguments, finish_arguments, synthetic_shards, write_result
 
-from data_pipelines import ShardDataModule  # noqa: E402
-from data_pipelines.decoding import resize_center_crop  # noqa: E402
-from data_pipelines.urls import resolve_shards  # noqa: E402
-
-RESULT = Path(__file__).resolve().parent / "results" / "data_throughput.json"
+from data_pipelines import ShardDataModule
+from data_pipelines.decoding import resize_center_crop
+from data_pipelines.urls import resolve_shards
 
 
 class RawImages(Dataset):
@@ -68,21 +63,6 @@ def read_image_bytes(urls: list[str], limit: int) -> list[bytes]:
     return images
 
 
-def synthetic_shards(directory: Path, count: int, size: int = 64) -> str:
-    """Real PNG bytes of smooth random `size`-px images, for machines without the emoji shards."""
-    import webdataset as wds
-
-    rng = np.random.default_rng(0)
-    with wds.ShardWriter(str(directory / "train-%06d.tar"), maxcount=500, verbose=0) as writer:
-        for index in range(count):
-            base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            image = Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            writer.write({"__key__": f"synthetic{index:06d}", "png": buffer.getvalue(), "txt": f"synthetic image {index}"})
-    return str(directory / "train-*.tar")
-
-
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -108,15 +88,16 @@ def timed(loader, samples: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", default=None, help="shard pattern (default: synthetic 64 px PNG shards in a temp dir)")
+    parser.add_argument("--shards", default=None,
+                        help="shard pattern (default: synthetic 64 px PNG shards in a temp dir)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=4000, help="samples timed per run")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the median is reported")
-    parser.add_argument("--out", type=Path, default=RESULT)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    parser.add_argument("--samples", type=int, default=None, help="samples timed per run (default 4000, quick 256)")
+    add_common_arguments(parser, repeats=3, device=False)
+    args = finish_arguments(parser.parse_args(argv))
+    if args.samples is None:
+        args.samples = 256 if args.quick else 4000
 
     with tempfile.TemporaryDirectory() as scratch:
         pattern = args.shards or synthetic_shards(Path(scratch), args.samples)
@@ -134,29 +115,21 @@ def main(argv: list[str] | None = None) -> int:
             runs["datamodule"].append(timed(train, samples))
 
     result = {
-        "benchmark": "data_throughput",
-        "command": "python benchmarks/data_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "shards": pattern if args.shards else f"synthetic: {len(urls)} shards of 64 px PNG",
         "num_shards": len(urls), "image_size": args.image_size, "batch_size": args.batch_size,
-        "workers": args.workers, "samples_timed": samples, "repeats": args.repeats,
+        "workers": args.workers, "samples_timed": samples,
         "raw_pil_samples_per_s": round(statistics.median(r for r, _ in runs["raw_pil"]), 1),
         "datamodule_samples_per_s": round(statistics.median(r for r, _ in runs["datamodule"]), 1),
         "raw_pil_cpu_ms_per_sample": round(statistics.median(c for _, c in runs["raw_pil"]), 4),
         "datamodule_cpu_ms_per_sample": round(statistics.median(c for _, c in runs["datamodule"]), 4),
         "all_runs_samples_per_s": {name: [round(r, 1) for r, _ in values] for name, values in runs.items()},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)},
-        "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "pillow": Image.__version__,
-                     "numpy": np.__version__, "webdataset": __import__("webdataset").__version__,
-                     "lightning": __import__("lightning").__version__},
     }
-    result["ratio"] = round(result["datamodule_samples_per_s"] / result["raw_pil_samples_per_s"], 3)
     result["cpu_ratio"] = round(result["raw_pil_cpu_ms_per_sample"] / result["datamodule_cpu_ms_per_sample"], 3)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("raw_pil_samples_per_s", "datamodule_samples_per_s", "ratio", "cpu_ratio", "all_runs_samples_per_s")
-    print(json.dumps({key: result[key] for key in keys}))
+    ratio = result["datamodule_samples_per_s"] / result["raw_pil_samples_per_s"]
+    write_result("data_throughput", args, result, ratio=ratio, target=">= 0.9",
+                 ratio_definition="DataModule samples/s / raw PIL loop samples/s (wall clock)",
+                 packages=("pillow", "webdataset"),
+                 summary=("raw_pil_samples_per_s", "datamodule_samples_per_s", "cpu_ratio", "all_runs_samples_per_s"))
     return 0
 
 
