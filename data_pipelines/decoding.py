@@ -19,6 +19,10 @@ from PIL import ExifTags, Image, ImageOps
 from lightning_diffusion.errors import UserError
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+# Pillow formats an image entry may hold, whatever its extension says (a .png that is really a JPEG is common).
+# Formats without a real magic number (TGA) or with outside interpreters (EPS) would "decode" junk or worse.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+INT64_RANGE = (-(2**63), 2**63 - 1)
 TENSOR_EXTENSIONS = ("npy", "pth", "pt")
 RESERVED_NAMES = ("image", "caption", "key", "label", "tokens")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -42,6 +46,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)
         grey = np.clip((values * 255 + 32767) // 65535, 0, 255).astype(np.uint8)
+        if isinstance(image.info.get("transparency"), int):  # a tRNS grey value: transparent, so white
+            grey[values == image.info["transparency"]] = 255
         return Image.fromarray(grey).convert("RGB")
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float32)
@@ -71,7 +77,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 def decode_image(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Image bytes -> uint8 RGB array [size, size, 3]; the pixel limit is checked from the header, before decoding."""
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise CorruptSample(f"image is {image.width}x{image.height}, over data.max_image_pixels={max_pixels}")
         if image.format == "JPEG":
@@ -98,10 +104,16 @@ def _label(sample: dict[str, Any]) -> int | None:
         meta = json.loads(sample["json"])
         label = meta.get("label") if isinstance(meta, dict) else None
         if isinstance(label, int) and not isinstance(label, bool):
-            return label
+            return _int64_label(label)
     if "cls" in sample:
-        return int(sample["cls"].decode("utf-8").strip())
+        return _int64_label(int(sample["cls"].decode("utf-8").strip()))
     return None
+
+
+def _int64_label(label: int) -> int:
+    if not INT64_RANGE[0] <= label <= INT64_RANGE[1]:
+        raise CorruptSample(f"label {label} does not fit in int64")
+    return label
 
 
 @dataclass(frozen=True)

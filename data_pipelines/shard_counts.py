@@ -8,6 +8,7 @@ webdataset does (`base_plus_ext`, consecutive equal keys, `__meta__` files skipp
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import tarfile
@@ -15,6 +16,7 @@ import warnings
 
 from webdataset.tariterators import base_plus_ext
 
+from data_pipelines.tar_members import is_plain_tar, sample_keys
 from data_pipelines.urls import url_scheme
 from lightning_diffusion.errors import UserError
 
@@ -23,19 +25,28 @@ _META = re.compile(r"__[^/]*__($|/)")
 
 
 def count_tar_samples(path: str) -> int:
-    """Number of webdataset samples in a local tar, from its headers; a truncated tail ends the count."""
-    count, previous = 0, None
+    """Number of webdataset samples in a local tar, from its headers; damage ends the count (with a warning).
+
+    Uncompressed tars are listed by the reader that will read them (`tar_members`), so the count stops exactly
+    where reading will; compressed ones by `tarfile`.
+    """
+    count, last = 0, None
     try:
+        if is_plain_tar(path):
+            for last in sample_keys(path):
+                count += 1
+            return count
         with tarfile.open(path, mode="r:*") as archive:
             for member in archive:
                 if not member.isreg() or _META.match(member.name):
                     continue
                 prefix, _ = base_plus_ext(member.name)
-                if prefix is None or prefix == previous:
+                if prefix is None or prefix == last:
                     continue
-                count, previous = count + 1, prefix
-    except (tarfile.TarError, EOFError, OSError) as exn:
-        warnings.warn(f"shard {path!r} is unreadable after {count} samples ({exn}); rebuild it", stacklevel=2)
+                count, last = count + 1, prefix
+    except (tarfile.TarError, EOFError, OSError, ValueError, lzma.LZMAError) as exn:
+        after = f"after {count} samples (the last {last!r})" if last is not None else "from its start"
+        warnings.warn(f"shard {path!r} is damaged {after}: {exn}; the rest is not used, rebuild it", stacklevel=2)
     return count
 
 
