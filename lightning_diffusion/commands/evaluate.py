@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--kid-subset-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, help="denoisers: classifier-free guidance weight (default: the model's)")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun"), help="denoisers: sampler (default: the model's)")
+    parser.add_argument("--steps", type=int, help="denoisers: sampling steps (default: the model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -107,41 +110,6 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _loader(args: argparse.Namespace, image_size: int, require_caption: bool):  # noqa: ANN202 - a DataLoader
-    from data_pipelines.datamodule import ShardDataModule
-
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    batch_size = max(1, min(args.batch_size, math.ceil(args.num_samples / world)))  # full batches only
-    data = ShardDataModule(
-        train_urls=args.data, val_urls=args.data, image_size=image_size, batch_size=batch_size,
-        num_workers=args.num_workers, seed=args.seed, shuffle_buffer=0, require_caption=require_caption,
-        persistent_workers=False,
-    )
-    data.setup("validate")
-    return data.val_dataloader()
-
-
-def _real_statistics(args: argparse.Namespace, suite: Any, image_size: int, samples: int, need_features: bool,
-                     world: int) -> tuple[Any, bool]:
-    from data_pipelines.urls import resolve_shards
-    from lightning_diffusion.metrics.real_stats import (
-        cache_file, compute_real_statistics, default_cache_dir, load_or_compute, shards_digest,
-    )
-
-    shards = resolve_shards(args.data, "--data")
-    dataset = args.dataset_name or Path(shards[0]).parent.name or "data"
-    encoder = suite.encoder.cache_tag or suite.encoder.name
-    path = cache_file(args.cache_dir or default_cache_dir(), dataset=dataset, split="eval", encoder=encoder,
-                      resolution=image_size, num_samples=samples, digest=shards_digest(shards))
-    per_rank = math.ceil(samples / world)
-
-    def compute() -> Any:
-        batches = (batch["image"].to(args.device) for batch in _loader(args, image_size, require_caption=False))
-        return compute_real_statistics(suite.encode, batches, suite.encoder.num_features, per_rank, need_features)
-
-    return load_or_compute(path, compute, need_features)
-
-
 def _lpips(args: argparse.Namespace, device: torch.device) -> Any:
     try:
         from lightning_diffusion.pretrained.lpips import make_lpips
@@ -158,18 +126,30 @@ def _perceptual(args: argparse.Namespace, device: torch.device) -> Any:
 
 
 def _clip_score(args: argparse.Namespace, device: torch.device) -> Any:
-    from lightning_diffusion.clip import CLIPImageEncoder, CLIPTextEncoder
-    from lightning_diffusion.metrics.clip_score import ProjectCLIPScore
+    from lightning_diffusion.metrics.sources import project_clip_score
 
-    if not args.clip_ckpt:
-        raise UserError("clip_score needs the project's CLIP: pass --clip-ckpt PATH (a checkpoint of the clip stage)")
-    image_tower = CLIPImageEncoder.from_checkpoint(args.clip_ckpt).to(device)
-    text_tower = CLIPTextEncoder.from_checkpoint(args.clip_ckpt).to(device)
+    return project_clip_score(args.clip_ckpt, device)
 
-    def embed_text(captions: list[str]) -> torch.Tensor:
-        return text_tower(text_tower.tokenizer(captions).to(device))[1]
 
-    return ProjectCLIPScore(image_tower, embed_text, encoder_name="clip").to(device)
+def generation_options(args: argparse.Namespace, model: torch.nn.Module, task: str) -> dict[str, Any]:
+    """`--guidance/--sampler/--steps` for `generate` (None: the model's validation defaults), checked against the
+    model before anything is computed or written."""
+    options = {"guidance": args.guidance, "sampler": args.sampler, "steps": args.steps}
+    given = {key: value for key, value in options.items() if value is not None}
+    if given and task != "generation":
+        raise UserError(f"--{'/--'.join(given)} apply to denoiser checkpoints; this one is a {task} model")
+    hparams = getattr(model, "hparams", {})
+    if "sampler" in given and "objective" in hparams:
+        from lightning_diffusion.diffusion.module import check_sampler
+
+        check_sampler(hparams["objective"], given["sampler"], key="--sampler")
+    if "guidance" in given and "conditioning" in hparams:
+        from lightning_diffusion.diffusion.module import check_guidance
+
+        check_guidance(hparams["conditioning"], given["guidance"], key="--guidance")
+    if given.get("steps", 1) < 1:
+        raise UserError(f"--steps must be >= 1, got {given['steps']}")
+    return given
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,6 +157,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_diffusion.metrics.encoders import auto_encoder_name, build_encoder
     from lightning_diffusion.metrics.evaluation import Evaluator, check_metrics, model_task, run_evaluation
     from lightning_diffusion.metrics.frechet import FrechetSuite
+    from lightning_diffusion.metrics.sources import real_loader, real_statistics
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in METRIC_CHOICES]
@@ -193,6 +174,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.ckpt, args.model_class, device)
     task = model_task(model)
     check_metrics(task, metrics)
+    options = generation_options(args, model, task)
     image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size", 64))
 
     suite, encoder_name, real_cached = None, None, None
@@ -205,8 +187,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                 effnet_weights=args.effnet_weights, clip_checkpoint=args.clip_ckpt).to(device)
         encoder_name = encoder.name
         suite = FrechetSuite(encoder, frechet_metrics, kid_subset_size=args.kid_subset_size).to(device)
-        stats, real_cached = _real_statistics(args, suite, image_size, args.num_samples, "kid" in frechet_metrics,
-                                              world)
+        stats, real_cached = real_statistics(
+            suite, args.data, image_size, args.num_samples, device, need_features="kid" in frechet_metrics,
+            cache_dir=args.cache_dir, dataset_name=args.dataset_name, batch_size=args.batch_size,
+            num_workers=args.num_workers)
         suite.load_real(stats)
     evaluator = Evaluator(
         metrics, device, frechet=suite,
@@ -217,10 +201,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     from tqdm.auto import tqdm
 
-    loader = _loader(args, image_size, require_caption=task == "generation")
+    loader = real_loader(args.data, image_size, args.batch_size, args.num_samples, args.num_workers, args.seed,
+                         require_caption=task == "generation")
     per_rank = math.ceil(args.num_samples / world)
     with tqdm(total=per_rank, desc=f"scoring ({task})", unit="img", disable=rank != 0) as bar:
-        scored = run_evaluation(model, loader, evaluator, per_rank, args.seed, rank, progress=bar.update)
+        scored = run_evaluation(model, loader, evaluator, per_rank, args.seed, rank, progress=bar.update,
+                                generate_options=options)
     results = evaluator.compute()
     total = evaluator.total_seen()
     if total < args.num_samples and rank == 0:
@@ -229,7 +215,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "checkpoint": str(args.ckpt), "task": task, "metrics": results, "encoder": encoder_name,
         "num_samples": total, "requested_samples": args.num_samples, "scored_on_rank0": scored,
-        "world_size": world, "image_size": image_size,
+        "world_size": world, "image_size": image_size, "generation": options or None,
         "real_statistics_cached": real_cached, "seconds": round(time.perf_counter() - started, 2),
     }
 

@@ -147,9 +147,11 @@ def run_evaluation(
     seed: int = 0,
     rank: int = 0,
     progress: Callable[[int], None] | None = None,
+    generate_options: dict[str, Any] | None = None,
 ) -> int:
     """Feed up to `samples_per_rank` real images (and what the model makes of them) to `evaluator`; returns the
-    number of images this rank scored. Generation seeds differ per (batch, rank), so ranks draw distinct samples.
+    number of images this rank scored. Generation seeds differ per (batch, rank), so ranks draw distinct samples;
+    `generate_options` (guidance, sampler, steps) go to `model.generate`.
     """
     task = model_task(model)
     device = next(model.parameters()).device
@@ -164,7 +166,7 @@ def run_evaluation(
             else:
                 inputs = {k: v.to(device) if isinstance(v, Tensor) else v
                           for k, v in generation_inputs(model, {**batch, "image": real}).items()}
-                produced = model.generate(**inputs, seed=seed + 1_000_003 * rank + index)
+                produced = model.generate(**inputs, **(generate_options or {}), seed=seed + 1_000_003 * rank + index)
         captions = list(batch["caption"]) if "caption" in batch else None
         evaluator.update(real, produced, captions)
         seen += take
