@@ -5,25 +5,31 @@ rank/worker, the same number of full batches on every rank) or resampled (shards
 `samples_per_epoch`). Order is a pure function of (seed, epoch, rank, worker, shard list); the epoch comes from
 the trainer and reaches persistent workers through shared memory. Corrupt samples are skipped, warned about and
 counted; the counts travel with the batches and are logged per epoch as `data/skipped_samples` (summed over ranks).
+
+Exact resume: `state_dict` holds, for every rank, where its train loader stands after the batches the training
+loop has consumed (`trainer.fit_loop.epoch_loop.batch_progress.current.ready`, not what was prefetched): epoch,
+batches, and per worker the raw samples pulled and batches yielded. `load_state_dict` hands each rank its own
+position; the loader's next pass of that epoch fast-forwards every worker without decoding (see `stream.py`,
+`loader.py`) and yields exactly the batches an uninterrupted run would have yielded next. A checkpoint from
+another layout (ranks, workers, batch size, samples per epoch) restarts the epoch from its start, with a warning.
 """
 
 from __future__ import annotations
 
 import pickle
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
 
 from data_pipelines.decoding import IMAGE_EXTENSIONS, RESERVED_NAMES, TENSOR_EXTENSIONS, Collate, SampleDecoder, tensor_name
 from data_pipelines.shard_counts import shard_sample_counts
-from data_pipelines.stream import SKIPPED_KEY, ShardStream
+from data_pipelines.loader import LoaderPosition, ShardLoader, SkipTally
+from data_pipelines.stream import ShardStream
 from data_pipelines.urls import check_pipe_policy, resolve_shards
 from lightning_diffusion.errors import UserError
 
@@ -31,39 +37,6 @@ from lightning_diffusion.errors import UserError
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
-
-
-@dataclass
-class SkipTally:
-    """Skipped samples seen by this rank's main process: this epoch and since construction."""
-
-    epoch: int = 0
-    total: int = 0
-
-    def start_epoch(self) -> None:
-        self.epoch = 0
-
-    def add(self, count: int) -> None:
-        self.epoch += count
-        self.total += count
-
-
-class ShardLoader(DataLoader):
-    """DataLoader over a `ShardStream`: sets the epoch before each pass and pops the skipped-sample counts."""
-
-    def __init__(self, dataset: ShardStream, *, epoch_fn: Callable[[], int], tally: SkipTally, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.epoch_fn, self.tally = epoch_fn, tally
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.set_epoch(self.epoch_fn())
-        self.tally.start_epoch()
-        return self._counted(super().__iter__())
-
-    def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for batch in batches:
-            self.tally.add(int(batch.pop(SKIPPED_KEY, 0)))
-            yield batch
 
 
 class SkippedSamplesLogger(Callback):
@@ -201,6 +174,8 @@ class ShardDataModule(LightningDataModule):
         self._tokenizer: Tokenizer | None = None
         self._shard_cache: dict[str, tuple[list[str], list[int] | None]] = {}
         self._epoch = 0
+        self._train_loader: ShardLoader | None = None
+        self._resume_positions: list[dict[str, Any]] | None = None
 
     @property
     def skipped_samples(self) -> dict[str, int]:
@@ -225,19 +200,64 @@ class ShardDataModule(LightningDataModule):
             trainer.callbacks.append(SkippedSamplesLogger())
 
     def train_dataloader(self) -> ShardLoader:
-        return self._loader("train", self.batch_size, train=True)
+        self._train_loader = self._loader("train", self.batch_size, train=True)
+        self._hand_over_resume_position()
+        return self._train_loader
 
     def val_dataloader(self) -> ShardLoader | list:
         return [] if self.val_urls is None else self._loader("val", self.val_batch_size, train=False)
 
     def state_dict(self) -> dict[str, Any]:
-        """Seed and epoch: with the shard list they fix the order (mid-epoch resume would add batches consumed)."""
-        return {"seed": self.seed, "epoch": self._current_epoch(), "mode": self.mode, "skipped_samples": self.skipped_samples}
+        """Seed, epoch and every rank's train position (with the shard list they fix what comes next)."""
+        state = {"seed": self.seed, "epoch": self._current_epoch(), "mode": self.mode, "skipped_samples": self.skipped_samples}
+        position = self._train_position()
+        if position is not None:
+            state["train_positions"] = self._gathered(position.to_dict())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed", self.seed) != self.seed:
             rank_zero_warn(f"data.seed is {self.seed} but the checkpoint was trained with {state_dict['seed']}; using {self.seed}")
         self._epoch = int(state_dict.get("epoch", 0))
+        self._resume_positions = state_dict.get("train_positions")
+        if self._train_loader is not None:
+            self._hand_over_resume_position()
+
+    def _train_position(self) -> LoaderPosition | None:
+        """This rank's position after the batches the fit loop consumed (all yielded ones outside a fit)."""
+        loader = self._train_loader
+        if loader is None or loader.position() is None:
+            return None
+        consumed = None
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit" and loader.position().epoch == trainer.current_epoch:
+            consumed = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return loader.position(consumed)
+
+    def _gathered(self, position: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's position, indexed by rank (checkpoints are dumped on every rank and written by rank 0)."""
+        rank, world = self._rank_world()
+        if world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [position]
+        positions: list[Any] = [None] * world
+        dist.all_gather_object(positions, position)
+        return positions
+
+    def _hand_over_resume_position(self) -> None:
+        if self._resume_positions is None or self._train_loader is None:
+            return
+        positions, self._resume_positions = self._resume_positions, None
+        rank, world = self._rank_world()
+        loader = self._train_loader
+        position = LoaderPosition.from_dict(positions[rank]) if len(positions) == world else None
+        if position is None or position.layout != loader.layout:
+            rank_zero_warn(
+                "the checkpoint's data position was saved with another layout (samples per epoch, ranks, workers, "
+                f"batch size: {positions[0]['layout']} vs now {list(loader.layout)}); this epoch restarts from its "
+                "first batch. Resume with the same data settings and number of ranks for an exact resume"
+            )
+            return
+        loader.resume_from(position)
 
     def _rank_world(self) -> tuple[int, int]:
         """(global rank, world size): the trainer's, else torch.distributed's, else (0, 1); patched in tests."""

@@ -9,7 +9,7 @@ different tail each epoch when shards are shuffled). A worker's run may start or
 streams past the samples before its start without decoding them.
 
 Everything here is a function of (seed, epoch, rank, worker, shard counts), which is what exact mid-epoch resume
-will need: skip the first k batches of each worker's plan.
+builds on (see `stream.py`): a worker resumes by pulling its first k raw samples again without decoding them.
 """
 
 from __future__ import annotations

@@ -3,8 +3,19 @@
 Tar parsing and the shuffle buffer are webdataset's (`tar_file_expander`, `group_by_keys`, `shuffle`); the split
 across ranks and workers is explicit (see `epoch_plan`) because webdataset's shard-level `split_by_node` /
 `split_by_worker` cannot promise every rank the same number of full batches. Batches are collated in the worker
-and carry, under `SKIPPED_KEY`, how many samples were skipped since the previous batch; the loader in
-`datamodule.py` pops that count in the main process.
+and carry, under `SKIPPED_KEY`, how many samples were skipped since the previous batch, and under `POSITION_KEY`
+where the worker stands; the loader in `loader.py` pops both in the main process.
+
+Exact mid-epoch resume. A worker's raw stream (its shards read in plan order, then webdataset's shuffle buffer,
+then the replacement reads) is a pure function of (seed, epoch, rank, worker), and so is everything after it
+(decoding, per-key flips, batching). A worker's position is therefore two numbers: raw items it has pulled
+(including the ones that failed to decode) and batches it has yielded. To resume, the worker pulls that many raw
+items again *without decoding them* (the shuffle buffer is replayed, so it reads but does not decode the shards'
+bytes up to that point) and goes on. The DataLoader serves its workers round-robin and every worker's share of
+batches is the same up to one, larger shares first, so batch `p` of the epoch always comes from worker
+`p % workers`; a loader resumed after `n` batches lets DataLoader worker `i` play worker `(i + n) % workers`, so
+the round-robin continues where it stopped. The start (offset and per-worker positions) is in shared memory, like
+the epoch, so persistent workers see it.
 """
 
 from __future__ import annotations
@@ -12,7 +23,8 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Iterator
-from itertools import chain
+from dataclasses import dataclass
+from itertools import chain, islice
 from typing import Any
 
 import torch
@@ -28,6 +40,7 @@ from data_pipelines.urls import url_scheme
 from lightning_diffusion.errors import UserError
 
 SKIPPED_KEY = "__skipped__"
+POSITION_KEY = "__position__"
 REPLACEMENT_KEY = "__replacement__"
 MAX_WARNINGS_PER_WORKER = 20
 MAX_CONSECUTIVE_FAILURES = 1000
@@ -61,6 +74,14 @@ class SkipLog:
     def take(self) -> int:
         pending, self.pending = self.pending, 0
         return pending
+
+
+@dataclass(frozen=True)
+class WorkerPosition:
+    """Where one (rank, worker) stands in its epoch: raw samples pulled (decoded or not) and batches yielded."""
+
+    raw: int = 0
+    batches: int = 0
 
 
 class ShardStream(IterableDataset):
@@ -100,6 +121,8 @@ class ShardStream(IterableDataset):
         total = samples_per_epoch if samples_per_epoch is not None else sum(counts)
         self.layout = EpochLayout(total=total, world=world_size, workers=max(1, num_workers), batch=batch_size)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # [round-robin offset, raw_0, batches_0, raw_1, batches_1, ...]: where the next iteration starts
+        self._start = torch.zeros(1 + 2 * self.layout.workers, dtype=torch.int64).share_memory_()
 
     @property
     def epoch(self) -> int:
@@ -111,18 +134,29 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.layout.batches_per_rank
 
+    def set_start(self, batches_done: int, positions: list[WorkerPosition] | None) -> None:
+        """Start the next iteration after `batches_done` batches, worker `w` at `positions[w]` (None: from the start)."""
+        start = [batches_done % self.layout.workers]
+        for position in positions or [WorkerPosition()] * self.layout.workers:
+            start += [position.raw, position.batches]
+        self._start.copy_(torch.tensor(start, dtype=torch.int64))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        loader_worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if workers != self.layout.workers:
             raise RuntimeError(f"this stream was planned for {self.layout.workers} workers but runs in {workers}")
-        return self.iter_worker(worker, self.epoch)
+        start = self._start.tolist()
+        worker = (loader_worker + start[0]) % workers  # the round-robin resumes at the right worker
+        return self.iter_worker(worker, self.epoch, WorkerPosition(start[1 + 2 * worker], start[2 + 2 * worker]))
 
-    def iter_worker(self, worker: int, epoch: int) -> Iterator[dict[str, Any]]:
-        """The batches of one (rank, worker) in `epoch`: a pure function of the seed, epoch, rank, worker and shards."""
+    def iter_worker(self, worker: int, epoch: int, start: WorkerPosition = WorkerPosition()) -> Iterator[dict[str, Any]]:
+        """The batches of one (rank, worker) in `epoch` after `start`: a pure function of the seed, epoch, rank,
+        worker and shards. Each batch carries the worker's position after it under `POSITION_KEY`."""
         begin, end = self.layout.worker_range(self.rank, worker)
         quota = end - begin
-        if quota == 0:
+        produced, batches = start.batches * self.layout.batch, start.batches
+        if produced >= quota:
             return
         skips = SkipLog(self.split)
         seeds = ("samples", self.seed, epoch, self.rank, worker)
@@ -134,16 +168,20 @@ class ShardStream(IterableDataset):
             quiet = SkipLog(self.split, quiet=True)
             replacements = self._read_all(refill_segments(self.counts, order, end), quiet, replacement=True)
             raw = chain(self._shuffled(own, seeds), replacements)
-        flips = random.Random(derive_seed("flip", self.seed, epoch, self.rank, worker))
+        if start.raw:  # fast-forward: pull what was pulled before, without decoding (its bad reads were counted then)
+            skips.quiet = True
+            for _ in islice(raw, start.raw):
+                pass
+            skips.quiet = False
         batch: list[dict[str, Any]] = []
-        produced = 0
-        for sample in self._decoded(raw, skips, flips):
+        for pulled, sample in self._decoded(raw, skips, epoch, start.raw):
             batch.append(sample)
             if len(batch) == self.layout.batch:
                 collated = self.collate(batch)
                 collated[SKIPPED_KEY] = skips.take()
+                produced, batches, batch = produced + len(batch), batches + 1, []
+                collated[POSITION_KEY] = (worker, pulled, batches)
                 yield collated
-                produced, batch = produced + len(batch), []
                 if produced >= quota:
                     return
         raise UserError(
@@ -205,9 +243,10 @@ class ShardStream(IterableDataset):
         if stop is not None and position < stop:
             skips.record(url, None, f"has {position} samples, expected {stop} (stale manifest?)", stop - max(start, position))
 
-    def _decoded(self, raw: Iterator[dict[str, Any]], skips: SkipLog, flips: random.Random) -> Iterator[dict[str, Any]]:
+    def _decoded(self, raw: Iterator[dict[str, Any]], skips: SkipLog, epoch: int, pulled: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(raw samples pulled so far, decoded sample); a sample's flip is a function of (seed, epoch, key)."""
         failures = 0
-        for sample in raw:
+        for pulled, sample in enumerate(raw, start=pulled + 1):
             try:
                 decoded = self.decoder(sample)
             except Exception as exn:  # one bad sample is skipped and counted, never fatal
@@ -221,6 +260,6 @@ class ShardStream(IterableDataset):
                     ) from exn
                 continue
             failures = 0
-            if self.random_flip and "image" in decoded and flips.random() < 0.5:
+            if self.random_flip and "image" in decoded and derive_seed("flip", self.seed, epoch, decoded["key"]) % 2:
                 decoded["image"] = decoded["image"][:, ::-1]
-            yield decoded
+            yield pulled, decoded
