@@ -105,11 +105,15 @@ def run_lightning(args: list[str]) -> None:
             """Log the resolved config to W&B (hyperparameters + config.yaml) and pin the run id on resume."""
             import yaml
 
+            from lightning_diffusion.resume import auto_resume_path
             from lightning_diffusion.tracking import prepare_loggers
 
             config = self.config[self.subcommand]
+            if config.get("ckpt_path") is None and (resume := auto_resume_path(self.trainer)) is not None:
+                self.config_init[self.subcommand]["ckpt_path"] = resume  # the newest ResumeCheckpoint file
             text = self._parser(self.subcommand).dump(config, skip_none=False)
-            prepare_loggers(self.trainer, text, yaml.safe_load(text), resuming=config.get("ckpt_path") is not None)
+            resuming = self.config_init[self.subcommand].get("ckpt_path") is not None
+            prepare_loggers(self.trainer, text, yaml.safe_load(text), resuming=resuming)
 
     saved_argv = sys.argv
     sys.argv = [saved_argv[0], *args]  # LightningCLI reads sys.argv; passing `args` too makes it warn
