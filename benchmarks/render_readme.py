@@ -1,0 +1,166 @@
+"""Write the README's results section from the measurements, so no number in it is typed by hand.
+
+Reads benchmarks/results/*.json (written by the benchmarks) and a quickstart run's report (its metrics.json and
+sample grids). The quickstart's numbers and grids are first copied into the repository
+(benchmarks/results/quickstart.json, docs/results/*.png), so the section can be regenerated from committed files
+alone. Replaces everything between the README's `<!-- results:start -->` and `<!-- results:end -->` markers.
+
+    python benchmarks/render_readme.py --quickstart runs/quickstart   # after `make quickstart` and `make bench`
+    python benchmarks/render_readme.py                                # from the committed copies only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGES = ROOT / "docs" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+BENCHMARKS = [  # (file, what is compared)
+    ("lightning_overhead", "P1: Lightning `fit` of the denoiser vs a hand-written loop (seconds/step)"),
+    ("unet_vs_diffusers", "P2: our U-Net training step vs diffusers' `UNet2DConditionModel`, matched size"),
+    ("data_throughput", "P3: `ShardDataModule` vs a raw PIL decode loop (samples/s)"),
+    ("latents_vs_on_the_fly", "P4: denoiser epoch on pre-encoded latents vs encoding images on the fly"),
+    ("sampler_quality", "P5: best Fréchet distance with <= 25 network evaluations vs DDPM-1000"),
+    ("cfg_batched", "P6: classifier-free guidance in one batched forward vs two forwards"),
+]
+GRIDS = ("samples_heldout.png", "samples_train.png", "reconstructions.png")
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def import_quickstart(run: Path) -> None:
+    """Copy what the README shows of a quickstart run into the repository (numbers and the grids)."""
+    report = run / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    keep = {key: metrics[key] for key in ("stage_seconds", "evaluation", "preset") if key in metrics}
+    keep["run"] = run.name
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quickstart.json").write_text(json.dumps(keep, indent=2) + "\n")
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    for name in GRIDS:
+        if (report / name).is_file():
+            shutil.copyfile(report / name, IMAGES / f"quickstart_{name}")
+            caption = (report / name).with_suffix(".txt")
+            if caption.is_file():
+                shutil.copyfile(caption, IMAGES / f"quickstart_{Path(name).stem}.txt")
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    machine, threads = result.get("machine", {}), result.get("threads", {})
+    return (f"{machine.get('cpu_count', '?')}-core {machine.get('processor', '?')}, torch threads "
+            f"{threads.get('torch', '?')}, load {machine.get('load_average_1min', '?')}")
+
+
+def quickstart_section() -> list[str]:
+    data = load("quickstart")
+    if data is None:
+        return ["No quickstart run has been imported yet: `make quickstart`, then "
+                "`python benchmarks/render_readme.py --quickstart runs/quickstart`.", ""]
+    seconds = data["stage_seconds"]
+    total = sum(seconds.values())
+    lines = ["### Quickstart (`make quickstart`: the whole chain on the emoji shards, 2-core CPU)", "",
+             "| stage | wall time |", "|---|---|"]
+    lines += [f"| {stage} | {value / 60:.1f} min |" for stage, value in seconds.items()]
+    lines += [f"| **total** | **{total / 60:.1f} min** |", ""]
+    for name, title in (("vae_gan", "VAE-GAN reconstructions"), ("denoiser", "Text-to-image samples")):
+        evaluation = data.get("evaluation", {}).get(name)
+        if evaluation:
+            metrics = ", ".join(f"{key} **{value:.4g}**" for key, value in evaluation["metrics"].items())
+            lines.append(f"- {title} ({evaluation['num_samples']} held-out-concept images, encoder "
+                         f"{evaluation['encoder']}): {metrics}")
+    lines.append("")
+    for name, title in (("samples_heldout", "held-out concepts"), ("samples_train", "training concepts")):
+        image = IMAGES / f"quickstart_{name}.png"
+        if image.is_file():
+            caption = IMAGES / f"quickstart_{name}.txt"
+            note = f" — {caption.read_text().strip().splitlines()[0]}" if caption.is_file() else ""
+            lines += [f"Samples, {title}{note}:", "", f"![{title}](docs/results/{image.name})", ""]
+    return lines
+
+
+def benchmark_section() -> list[str]:
+    lines = ["### Benchmarks (`make bench`; ratios measured against a baseline in the same run)", "",
+             "| benchmark | ratio | target | verdict | machine | command |", "|---|---|---|---|---|---|"]
+    for name, what in BENCHMARKS:
+        result = load(name)
+        if result is None:
+            lines.append(f"| {what} | not run | | | | `python benchmarks/{name}.py` |")
+            continue
+        verdict = "pass" if result.get("passed") else "**miss**"
+        lines.append(f"| {what} | {result['ratio']:.3f} | {result.get('target', '')} | {verdict} | "
+                     f"{machine_line(result)} | `{result['command']}` |")
+    lines.append("")
+    lines += [f"- {name}: ratio = {load(name)['ratio_definition']}" for name, _ in BENCHMARKS
+              if load(name) and load(name).get("ratio_definition")]
+    lines.append("")
+    return lines
+
+
+def sampler_section() -> list[str]:
+    result = load("sampler_quality")
+    if result is None:
+        return []
+    lines = [f"### Samplers: Fréchet distance vs network evaluations ({result['num_samples']} samples, encoder "
+             f"{result['encoder']}, guidance {result['guidance']})", "",
+             "| sampler | steps | evaluations | Fréchet distance | CLIP score | seconds |", "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        clip = "" if row.get("clip_score") is None else f"{row['clip_score']:.2f}"
+        lines.append(f"| {row['sampler']} | {row['steps']} | {row['nfe']} | {row['fd']:.2f} | {clip} | "
+                     f"{row['seconds']:.0f} |")
+    lines += ["", f"![Fréchet distance vs evaluations]({result['plot']})", ""]
+    return lines
+
+
+def guidance_section() -> list[str]:
+    result = load("guidance_sweep")
+    if result is None:
+        return []
+    lines = [f"### Classifier-free guidance ({result['num_samples']} held-out captions, {result['sampler']})", "",
+             "| guidance w | Fréchet distance | CLIP score |", "|---|---|---|"]
+    for row in result["rows"]:
+        clip = "" if row.get("clip_score") is None else f"{row['clip_score']:.2f}"
+        lines.append(f"| {row['guidance']:g} | {row['fd']:.2f} | {clip} |")
+    weights = ", ".join(format(row["guidance"], "g") for row in result["rows"])
+    lines += ["", f"![guidance sweep]({result['plot']})", "",
+              f"Rows: {', '.join(result['prompts'])}, each at w = {weights} (same seeds):", "",
+              f"![guidance grid]({result['grid']})", ""]
+    return lines
+
+
+def render() -> str:
+    lines = [START, "", "*Generated by `python benchmarks/render_readme.py` from `benchmarks/results/*.json`; "
+             "do not edit by hand.*", ""]
+    lines += quickstart_section() + benchmark_section() + sampler_section() + guidance_section()
+    return "\n".join(lines).rstrip() + "\n\n" + END
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quickstart", type=Path, help="a finished quickstart run folder to import first")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args(argv)
+    if args.quickstart is not None:
+        if not (args.quickstart / "report" / "metrics.json").is_file():
+            raise SystemExit(f"error: {args.quickstart}/report/metrics.json is missing: run `make quickstart` first")
+        import_quickstart(args.quickstart)
+    text = args.readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"error: {args.readme} has no {START} ... {END} markers: add them where the section goes")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    args.readme.write_text(head + render() + tail)
+    print(f"wrote the results section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
