@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,60 @@ def test_position_from_another_layout_restarts_the_epoch(tmp_path: Path) -> None
     assert len(list(loader)) == len(loader)
 
 
+def _two_rank_resume(rank: int, directory: str, port: int, results: str) -> None:
+    """One of 2 gloo ranks: stop after 3 batches, save (positions gathered from both ranks), resume, compare."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    options = dict(image_size=8, batch_size=3, num_workers=0, shuffle_buffer=7, seed=5)
+
+    def make() -> ShardDataModule:
+        dm = ShardDataModule(str(Path(directory) / "train-*.tar"), **options)
+        dm._rank_world = lambda: (rank, 2)
+        dm.setup("fit")
+        return dm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = [batch["key"] for batch in make().train_dataloader()]
+        first = make()
+        batches = iter(first.train_dataloader())
+        seen = [next(batches)["key"] for _ in range(3)]
+        state = first.state_dict()
+        second = make()
+        second.load_state_dict(state)
+        rest = [batch["key"] for batch in second.train_dataloader()]
+    Path(results, f"rank{rank}.json").write_text(json.dumps(
+        {"positions": state["train_positions"], "resumed": seen + rest, "whole": whole}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_from_its_own_position(tmp_path: Path) -> None:
+    """Positions are gathered from all ranks; a corrupt sample on rank 1 makes its raw count differ from rank 0's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    write_shards(tmp_path, [13, 9, 17, 6])
+    probe = ShardDataModule(str(tmp_path / "train-*.tar"), image_size=8, batch_size=3, num_workers=0, shuffle_buffer=7,
+                            seed=5)
+    probe._rank_world = lambda: (1, 2)
+    probe.setup("fit")
+    bad = next(iter(probe.train_dataloader()))["key"][0]  # corrupt it: rank 1 pulls one more raw sample than rank 0
+    write_shards(tmp_path, [13, 9, 17, 6], extra=lambda shard, index: {"png": b"broken"} if bad == f"train{shard}_{index:03d}" else {})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_two_rank_resume, args=(str(tmp_path), port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["positions"] == ranks[1]["positions"] and len(ranks[0]["positions"]) == 2
+    raw = [ranks[0]["positions"][rank]["workers"][0][0] for rank in range(2)]
+    assert raw[1] == raw[0] + 1  # rank 1 pulled the corrupt sample as well
+    for rank in ranks:
+        assert rank["resumed"] == rank["whole"]
+
+
 # ------------------------------------------------------------------------------------ atomic writes, keep-last-k
 
 def test_crash_mid_write_leaves_the_previous_checkpoint_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,3 +254,29 @@ def test_resume_checkpoint_rejects_bad_settings() -> None:
     for bad in ({"every_n_train_steps": 0}, {"keep_last": 0}, {"keep_last": True}):
         with pytest.raises(UserError, match="positive integer"):
             ResumeCheckpoint(**bad)
+
+
+def test_auto_resume_picks_the_newest_step_file_unless_a_slurm_checkpoint_is_newer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning as L
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from lightning_diffusion.resume import auto_resume_path
+
+    def trainer(**options: object) -> L.Trainer:
+        return L.Trainer(default_root_dir=tmp_path, callbacks=[ResumeCheckpoint(**options)], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+
+    assert auto_resume_path(trainer()) is None  # a fresh start
+    for step, age in ((4, 30), (8, 20)):
+        path = tmp_path / "resume" / f"step-{step:09d}.ckpt"
+        atomic_save({"step": step}, path)
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime - age))
+    assert auto_resume_path(trainer()) == str(tmp_path / "resume" / "step-000000008.ckpt")
+    assert auto_resume_path(trainer(auto_resume=False)) is None
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    atomic_save({}, hpc)
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    assert auto_resume_path(trainer()) is None  # Lightning restores the newer hpc_ckpt itself
+    os.utime(hpc, (hpc.stat().st_atime, hpc.stat().st_mtime - 60))
+    assert auto_resume_path(trainer()) == str(tmp_path / "resume" / "step-000000008.ckpt")
