@@ -6,11 +6,13 @@ PNG, which kept the DataModule well under the raw-PIL rate. This reader parses t
 webdataset's `tar_file_iterator`, and can seek over the samples before a worker's start without reading them.
 Compressed or remote shards go through webdataset's own reader instead (see `stream.py`).
 
-Damage (a bad or cut header, a PAX record that does not parse, a size past the end of the file) raises
-`tarfile.ReadError` naming the byte offset, never a hang or a huge read. Where Python's `tarfile` ends the archive
-quietly at a bad header (so webdataset's `group_by_keys` still yields the sample before it), this reader first
-yields webdataset's end-of-shard marker `{}`, so both readers give the same samples; damage inside a member's data
-drops the unfinished sample in both.
+Damaged shards: it reads exactly what `tarfile` (hence webdataset) reads, checked by a fuzz test
+(tests/test_malformed_fuzz.py): numeric fields and checksums parsed as `tarfile.nti` does, PAX records as its
+regex loop does (a zero length, which once looped forever, is damage), global PAX headers applied, no data for
+links and directories. Where `tarfile` ends the archive quietly at a bad header (so `group_by_keys` still yields
+the sample before it), this reader yields webdataset's end-of-shard marker `{}` and then raises
+`tarfile.ReadError`; where `tarfile` raises (data or padding cut short, damage right after a PAX header) it
+raises, and the unfinished sample is dropped by both. A size past the end of the file is refused before reading.
 """
 
 from __future__ import annotations
@@ -27,21 +29,40 @@ BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _META = re.compile(r"__[^/]*__($|/)")
 _REGULAR = (b"0", b"\0", b"7")
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: tarfile reads no data for them
+_EXTENDED = (b"L", b"K", b"x", b"X", b"g")
+_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+# Fast path for the numeric fields: octal digits -> "d", NUL -> "z", anything else -> "x"; the layouts every
+# writer we know uses (tarfile, GNU tar) are accepted at once, others are parsed field by field.
+_SHAPE = bytes(ord("d") if chr(i) in "01234567" else ord("z") if i == 0 else ord("x") for i in range(256))
+_USUAL_NUMBERS = b"dddddddz" * 3 + b"dddddddddddz" * 2
+_USUAL_DEVICES = (b"z" * 16, b"dddddddz" * 2)
 
 
 def _number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256 for large values
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    """A numeric header field as `tarfile.nti` reads it: octal text or GNU base-256; ValueError otherwise."""
+    if field[0] in (0x80, 0xFF):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
 
 
 def _valid_header(header: bytes) -> bool:
+    """Checksum (unsigned or signed, as tarfile accepts) and every numeric field parse."""
     try:
         stored = _number(header[148:156])
+        usual = header[100:148].translate(_SHAPE) == _USUAL_NUMBERS and header[329:345].translate(_SHAPE) in _USUAL_DEVICES
+        if not usual:
+            for start, stop in _NUMBER_FIELDS:
+                _number(header[start:stop])
     except ValueError:
         return False
-    return stored == sum(header[:148]) + 256 + sum(header[156:])
+    unsigned = sum(header[:148]) + 256 + sum(header[156:])
+    if stored == unsigned:
+        return True
+    high = sum(1 for byte in header[:148] if byte > 127) + sum(1 for byte in header[156:] if byte > 127)
+    return stored == unsigned - 256 * high
 
 
 def is_plain_tar(path: str) -> bool:
@@ -53,9 +74,6 @@ def is_plain_tar(path: str) -> bool:
 
 class _HeaderDamage(tarfile.ReadError):
     """A header that does not parse: `tarfile` ends the archive quietly here (after the members before it)."""
-
-
-_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 
 
 def _pax_records(payload: bytes, offset: int) -> dict[str, str]:
@@ -76,58 +94,75 @@ def _padded(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
-def _header_size(header: bytes, offset: int) -> int:
-    try:
-        size = _number(header[124:136])
-    except ValueError:
-        size = -1
-    if size < 0:
-        raise _HeaderDamage(f"damaged size field in the tar header at byte {offset}")
-    return size
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _header(handle: BinaryIO, offset: int, extended: bool) -> bytes | None:
+    """The next 512-byte header, None at the end of the archive; damage raises `_HeaderDamage` where `tarfile`
+    would end quietly, `tarfile.ReadError` right after a long-name or PAX header (where `tarfile` raises)."""
+    header = handle.read(BLOCK)
+    problem = None
+    if not header or header == _ZERO_BLOCK:
+        problem = f"the archive ends after a long-name or PAX header, at byte {offset}" if extended else None
+    elif len(header) < BLOCK:
+        problem = f"tar header cut short at byte {offset}"
+    elif not _valid_header(header):
+        problem = f"damaged tar header at byte {offset}"
+    else:
+        return header
+    if problem is None:
+        return None
+    raise (tarfile.ReadError if extended else _HeaderDamage)(problem)
 
 
 def _members(handle: BinaryIO, file_size: int) -> Iterator[tuple[str, int, bool]]:
-    """(name, size, is a sample file) per member, the handle at the start of its data; the caller moves past
-    the data. Raises `_HeaderDamage` where `tarfile` would end quietly, `tarfile.ReadError` where it raises:
-    data past the end of the file, or damage right after a long-name or PAX header."""
-    long_name, pax, extended = None, {}, False
+    """(name, size, is a sample file) per member as `tarfile` sees it, the handle at the start of its data; the
+    caller moves past the data. Raises `tarfile.ReadError` (`_HeaderDamage` where `tarfile` ends quietly)."""
+    long_name, pax, global_pax, extended = None, {}, {}, False
     while True:
         offset = handle.tell()
-        header = handle.read(BLOCK)
-        try:
-            if not header or header == _ZERO_BLOCK:
-                return
-            if len(header) < BLOCK:
-                raise _HeaderDamage(f"tar header cut short at byte {offset}")
-            if not _valid_header(header):
-                raise _HeaderDamage(f"damaged tar header at byte {offset}")
-            size, kind = _header_size(header, offset), header[156:157]
-        except _HeaderDamage as exn:
-            if extended:
-                raise tarfile.ReadError(str(exn)) from None
-            raise
-        if offset + BLOCK + size > file_size:
-            stored = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            raise tarfile.ReadError(f"tar member {stored!r} at byte {offset} claims {size} bytes, past the end of the file")
-        if kind in (b"L", b"K", b"x", b"g"):
-            payload = handle.read(_padded(size))[:size]
+        if offset > file_size:  # the previous member's padding is cut: tarfile raises before the next header
+            raise tarfile.ReadError(f"unexpected end of data before byte {offset}")
+        header = _header(handle, offset, extended)
+        if header is None:
+            return
+        size, kind = _number(header[124:136]), header[156:157]
+        if kind == b"\0" and _text(header[:100]).endswith("/"):
+            kind = b"5"  # old-style directory
+        if size < 0 or offset + BLOCK + size > file_size:
+            name = _text(header[:100])
+            raise tarfile.ReadError(f"tar member {name!r} at byte {offset} claims {size} bytes, past the end of the file")
+        if kind in _EXTENDED:
+            payload = handle.read(_padded(size))
             if kind == b"L":
-                long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            elif kind == b"x":
-                pax = _pax_records(payload, offset)
+                long_name = _text(payload)
+            elif kind in (b"x", b"X"):
+                pax = _pax_records(payload[:size], offset)
+            elif kind == b"g":
+                global_pax = {**global_pax, **_pax_records(payload[:size], offset)}
             extended = True
             continue
-        name = pax.get("path") or long_name
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            ustar_prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-            if ustar_prefix:
-                name = ustar_prefix.decode("utf-8", "surrogateescape") + "/" + name
-        if "size" in pax:
-            size = int(pax["size"]) if pax["size"].isdigit() else -1
-            if not 0 <= size <= file_size - offset - BLOCK:
-                raise tarfile.ReadError(f"tar member {name!r} at byte {offset}: bad PAX size {pax['size']!r}")
+        if kind == b"S":
+            raise tarfile.ReadError(f"tar member at byte {offset} is a GNU sparse file, which shards never hold")
+        records = {**global_pax, **pax} if global_pax else pax
+        if "path" in records:
+            name = records["path"].rstrip("/")
+        elif long_name is not None:
+            name = long_name
+        else:
+            name, prefix = _text(header[:100]), _text(header[345:500])
+            name = prefix + "/" + name if prefix else name
+        if "size" in records:
+            try:
+                size = int(records["size"])
+            except ValueError:
+                size = 0
+            if size < 0 or offset + BLOCK + size > file_size:
+                raise tarfile.ReadError(f"tar member {name!r} at byte {offset}: PAX size {records['size']!r} is past the end")
         long_name, pax, extended = None, {}, False
+        if kind in _NO_DATA:
+            size = 0
         skip = kind not in _REGULAR or ("/" not in name and name.startswith("__") and name.endswith("__"))
         yield name, size, not (skip or _META.match(name))
 

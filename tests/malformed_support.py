@@ -65,9 +65,10 @@ def member_offsets(path: Path, name: str) -> tuple[int, int]:
 
 
 def one_epoch(urls: str, *, workers: int = 0, batch_size: int = 2, context: str | None = None, **options: Any):
-    """(batches, datamodule, skipped-sample warning texts, all warning texts) of one unshuffled training epoch."""
-    dm = ShardDataModule(urls, image_size=SIZE, batch_size=batch_size, num_workers=workers, shuffle_buffer=0, seed=0,
-                         persistent_workers=False, **options)
+    """(batches, datamodule, skipped-sample warning texts, all warning texts) of one training epoch (unshuffled
+    unless `shuffle_buffer` is given)."""
+    options = {"shuffle_buffer": 0, "seed": 0, "persistent_workers": False, **options}
+    dm = ShardDataModule(urls, image_size=SIZE, batch_size=batch_size, num_workers=workers, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loader = dm.train_dataloader()
