@@ -65,7 +65,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:  # noqa: ANN401 - an
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO, but local files are replaced atomically (see `atomic_save`)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:  # noqa: ANN401
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,  # noqa: ANN401 - str or PathLike
+                        storage_options: Any = None) -> None:  # noqa: ANN401
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -149,13 +150,14 @@ class ResumeCheckpoint(Checkpoint):
             for stray in self.folder.glob(".step-*.ckpt.tmp-*"):  # left by a crash mid-write
                 stray.unlink(missing_ok=True)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,  # noqa: ANN401
+                             batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
         if self.reseed:
             seed_step(int(self.seed), trainer.current_epoch, batch_idx, trainer.global_rank)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,  # noqa: ANN401
-                           batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,  # noqa: ANN401
+                           batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         step = trainer.global_step
         stepped = step != self._step_at_batch_start  # not mid gradient accumulation (its gradients are not saved)
         if stepped and step % self.every_n_train_steps == 0:
@@ -164,7 +166,7 @@ class ResumeCheckpoint(Checkpoint):
     def save(self, trainer: L.Trainer) -> Path:
         """Write `step-<global step>.ckpt` (every rank takes part, rank 0 writes) and prune the folder."""
         path = self.folder / f"step-{trainer.global_step:09d}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
             prune(self.folder, trainer.global_step, self.keep_last)
         return path

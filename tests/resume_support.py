@@ -47,8 +47,8 @@ class RecordAndKill(L.Callback):
         self.log_path = os.environ["RESUME_TEST_LOG"]
         self.kill_at = int(os.environ.get("RESUME_TEST_KILL_AT", "-1"))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,  # noqa: ANN401
-                           batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,  # noqa: ANN401
+                           batch: Any, batch_idx: int) -> None:  # noqa: ANN401
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "keys": list(batch["key"])}
         with open(self.log_path, "a") as file:
             file.write(json.dumps(record) + "\n")

@@ -196,7 +196,8 @@ def test_every_rank_resumes_from_its_own_position(tmp_path: Path) -> None:
     probe._rank_world = lambda: (1, 2)
     probe.setup("fit")
     bad = next(iter(probe.train_dataloader()))["key"][0]  # corrupt it: rank 1 pulls one more raw sample than rank 0
-    write_shards(tmp_path, [13, 9, 17, 6], extra=lambda shard, index: {"png": b"broken"} if bad == f"train{shard}_{index:03d}" else {})
+    write_shards(tmp_path, [13, 9, 17, 6],
+                 extra=lambda shard, index: {"png": b"broken"} if bad == f"train{shard}_{index:03d}" else {})
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
