@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import pickle
 import re
 import sys
 from typing import Any
@@ -100,6 +102,45 @@ def run_lightning(args: list[str]) -> None:
             super()._add_subcommands(parser, **kwargs)
             for sub in self._subcommand_parsers.values():
                 sub.exit_on_error = False
+
+        def _set_seed(self) -> None:
+            """Seed quietly; "Seed set to N" is logged once the classes are built, so a bad config stays one line."""
+            seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+            level = seed_log.level
+            seed_log.setLevel(logging.WARNING)
+            try:
+                super()._set_seed()
+            finally:
+                seed_log.setLevel(level)
+
+        def instantiate_trainer(self, **kwargs: Any):  # noqa: ANN202 - a Trainer
+            """Check the data's shards first (nothing is written or logged yet); Lightning's own checks of the
+            trainer section become one-line user errors."""
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            from data_pipelines.datamodule import ShardDataModule
+
+            if self.subcommand in ("fit", "validate") and isinstance(self.datamodule, ShardDataModule):
+                self.datamodule.setup(self.subcommand)  # resolves (and caches) the shard lists; no trainer yet
+            try:
+                trainer = super().instantiate_trainer(**kwargs)
+            except (MisconfigurationException, ValueError) as err:
+                raise UserError(f"trainer: {str(err).splitlines()[0]} (see `python -m lightning_diffusion "
+                                f"{self.subcommand} --help`)") from err
+            seed = self._get(self.config, "seed_everything")
+            if seed is not False:
+                logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
+            return trainer
+
+        def _parse_ckpt_path(self) -> None:
+            """Lightning reads `ckpt_path`'s hyper-parameters (weights_only): a file it refuses is one user error."""
+            try:
+                super()._parse_ckpt_path()
+            except pickle.UnpicklingError as err:
+                from lightning_diffusion.checkpoints import refused
+
+                path = self.config[self.config.subcommand].get("ckpt_path")
+                raise refused(path, "checkpoint", "ckpt_path", err) from err
 
         def before_fit(self) -> None:
             """Log the resolved config to W&B (hyperparameters + config.yaml) and pin the run id on resume."""

@@ -21,7 +21,9 @@ carries the scale of its own encoder. `measure_latent_scale(loader, n)` re-measu
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,11 +40,38 @@ from lightning_diffusion.autoencoder.losses import (
 from lightning_diffusion.autoencoder.networks import Decoder, Encoder
 from lightning_diffusion.autoencoder.perceptual import PerceptualName, check_perceptual, log_name, make_perceptual
 from lightning_diffusion.autoencoder.validation import ReconstructionMetrics
-from lightning_diffusion.errors import UserError
+from lightning_diffusion.errors import UserError, check_positive
+from lightning_diffusion.nonfinite import NonFiniteLossError  # noqa: F401 - re-exported (raised by training_step)
+from lightning_diffusion.nonfinite import NonFiniteGuard, NonFiniteMode, check_finite_weights
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A VAE-GAN loss became NaN or infinite; training stops instead of continuing on garbage."""
+def _check_sizes(args: dict[str, Any]) -> None:
+    """Sizes, counts and learning rates must be positive: a zero or negative one fails deep inside torch."""
+    for key, example in (("image_size", 32), ("in_channels", 3), ("channels", 64), ("num_blocks", 1),
+                         ("latent_channels", 4), ("disc_layers", 3), ("disc_channels", 64),
+                         ("latent_scale_batches", 100), ("effnet_input_size", 224), ("frechet_input_size", 224)):
+        check_positive(f"model.{key}", args[key], example)
+    for key, example in (("decoder_channels", 64), ("decoder_num_blocks", 1)):
+        check_positive(f"model.{key}", args[key], example, optional=True)
+    for key, example in (("lr", 1e-4), ("disc_lr", 1e-4)):
+        check_positive(f"model.{key}", args[key], example, integer=False, optional=key == "disc_lr")
+    mults = args["channel_mults"]
+    if not mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mults):
+        raise UserError(f"model.channel_mults must be a non-empty list of positive integers, got {mults!r}; "
+                        "set e.g. model.channel_mults: [1, 2, 2]")
+
+
+@contextlib.contextmanager
+def _own_hyperparameters() -> Iterator[None]:
+    """Build a module with its own `hparams`: inside a constructor that LightningCLI runs (the denoiser loading
+    its frozen VAE-GAN), `save_hyperparameters` would otherwise store the outer model's config."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
 
 
 class VAEGAN(LightningModule):
@@ -81,18 +110,23 @@ class VAEGAN(LightningModule):
         frechet_input_size: int = 224,
         image_every_n_steps: int = 500,
         num_logged_images: int = 8,
+        nonfinite_loss: NonFiniteMode = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
+        _check_sizes(locals())  # the arguments: self.hparams may be another model's (docs/gotchas.md)
         super().__init__()
         self.save_hyperparameters()
         check_perceptual(perceptual)
-        if image_size % 2 ** (len(channel_mults) - 1):
-            raise UserError(f"model.image_size {image_size} is not divisible by the downsampling factor "
-                            f"{2 ** (len(channel_mults) - 1)} of model.channel_mults {channel_mults}")
+        factor = 2 ** (len(channel_mults) - 1)
+        if image_size % factor:
+            raise UserError(f"model.image_size {image_size} is not divisible by the downsampling factor {factor} of "
+                            f"model.channel_mults {list(channel_mults)}: use a multiple of {factor} (e.g. "
+                            f"{max(factor, image_size // factor * factor)}) or fewer model.channel_mults")
         if disc_loss == "hinge" and real_label != 1.0:
             raise UserError("model.real_label (one-sided label smoothing) needs model.disc_loss: non_saturating")
-        if latent_scale_batches < 1:
-            raise UserError(f"model.latent_scale_batches must be at least 1, got {latent_scale_batches}")
         self.automatic_optimization = False
+        self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "VAE-GAN",
+                                        "lower model.lr or set model.grad_clip, use bf16-mixed rather than 16-mixed")
         self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention, dropout)
         self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
                                decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
@@ -135,7 +169,8 @@ class VAEGAN(LightningModule):
         checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key="model.vae_checkpoint")
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
         try:
-            model = cls(**hparams)
+            with _own_hyperparameters():
+                model = cls(**hparams)
             model.load_state_dict(checkpoint["state_dict"], strict=True)
         except (TypeError, KeyError, RuntimeError) as err:
             raise UserError(f"'{path}' is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): "
@@ -190,6 +225,7 @@ class VAEGAN(LightningModule):
         return terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.nonfinite.remember_norm_stats(self)
         opt_ae, opt_disc = self.optimizers()
         x = batch["image"]
         posterior = self.encode(x)
@@ -212,10 +248,14 @@ class VAEGAN(LightningModule):
         else:  # zero-weighted: the discriminator's gradients exist (DDP reduces every parameter) but stay zero
             total = loss_ae + 0.0 * sum(p.sum() for p in self.discriminator.parameters())
         terms["loss"] = loss_ae
-        self._check_finite_and_track_latents(terms, z)
+        skip = self._check_finite_and_track_latents(terms, z)
 
         opt_ae.zero_grad(set_to_none=True)
         opt_disc.zero_grad(set_to_none=True)
+        self.nonfinite.log_count(self, x.shape[0])
+        if skip:  # no gradients: Adam leaves every weight as it is, and global_step still counts the batch
+            opt_ae.step()
+            return
         self.manual_backward(total)
         opt_ae.step()
         if gan:  # through the strategy (precision plugin, clipping hook) but uncounted: global_step = batches
@@ -230,20 +270,22 @@ class VAEGAN(LightningModule):
             named[log_name(self.hparams.perceptual, self.hparams.effnet_input_size)] = named.pop("perceptual")
         return named
 
-    def _check_finite_and_track_latents(self, terms: dict[str, Tensor], z: Tensor) -> None:
-        """One small all-reduce: this step's latent moments and whether any rank's loss is non-finite."""
+    def _check_finite_and_track_latents(self, terms: dict[str, Tensor], z: Tensor) -> bool:
+        """One small all-reduce: this step's latent moments and whether any rank's loss is non-finite.
+
+        True when the step is to be skipped (`model.nonfinite_loss: skip`); raises `NonFiniteLossError` to stop."""
         finite = torch.stack([value.detach().float() for value in terms.values()]).isfinite().all()
         stats = torch.cat([latent_moments(z), (~finite).double().reshape(1)])
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        if stats[3] > 0:
-            values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
-            raise NonFiniteLossError(
-                f"non-finite VAE-GAN loss at step {self.global_step} (on at least one rank; here: {values}): "
-                "lower model.lr or set model.grad_clip, use bf16-mixed rather than 16-mixed, "
-                "or resume from an earlier checkpoint"
-            )
+        values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items()) if stats[3] > 0 else ""
+        if self.nonfinite.skip_step(float(stats[3]), self.global_step, values):
+            return True
         self.latent_window[self.global_step % self.latent_window.shape[0]] = stats[:3]
         self.latent_scale.fill_(scale_from_moments(self.latent_window).item())
+        return False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_weights(checkpoint, "VAE-GAN", self.global_step)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip after the loss scale is removed (Lightning calls this after unscaling under 16-mixed)."""

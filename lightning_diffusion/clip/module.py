@@ -27,6 +27,26 @@ from lightning_diffusion.clip.towers import (
     image_size_of,
     lock_towers,
 )
+from lightning_diffusion.errors import UserError, check_positive
+from lightning_diffusion.nonfinite import (
+    NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
+)
+
+
+def _check_arguments(args: dict[str, Any]) -> None:
+    """Sizes, counts, rates and the logit-scale cap must be positive: else torch or `math.log` fails mid-run."""
+    for key, example in (("image_size", 32), ("context_length", 32)):
+        check_positive(f"model.{key}", args[key], example, optional=True)
+    for key, example in (("lr", 5e-4), ("eps", 1e-6)):
+        check_positive(f"model.{key}", args[key], example, integer=False)
+    warmup, cap, ks = args["warmup_steps"], args["max_logit_scale"], args["recall_ks"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise UserError(f"model.warmup_steps must be 0 or more, got {warmup!r}; set e.g. model.warmup_steps: 100")
+    if not cap >= 1:
+        raise UserError(f"model.max_logit_scale caps exp(t) with t >= 0, so it must be at least 1, got {cap!r}; "
+                        "set e.g. model.max_logit_scale: 100")
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise UserError(f"model.recall_ks must be positive integers, got {ks!r}; set e.g. model.recall_ks: [1, 5, 10]")
 
 
 class CLIPModule(LightningModule):
@@ -69,9 +89,13 @@ class CLIPModule(LightningModule):
         warmup_steps: int = 100,
         max_logit_scale: float = 100.0,
         recall_ks: tuple[int, ...] = (1, 5, 10),
+        nonfinite_loss: NonFiniteMode = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
+        _check_arguments(locals())  # the arguments: self.hparams may be another model's (docs/gotchas.md)
         super().__init__()
         self.save_hyperparameters()
+        self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "CLIP", "lower model.lr or check the data")
         self.model = build_clip_model(
             model_name, loss=loss, image_tower=image_tower, text_tower=text_tower, image_size=image_size,
             context_length=context_length, minilm_path=minilm_path, pretrained=pretrained,
@@ -121,17 +145,25 @@ class CLIPModule(LightningModule):
         self.val_loss_fn = make_contrastive_loss(self.hparams.loss)  # per-rank batches, no collectives
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.nonfinite.remember_norm_stats(self)
         image_features, text_features = self(batch["image"], self.batch_tokens(batch))
         loss = self.loss_fn(image_features, text_features, self.logit_scale(), self.model.logit_bias)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"CLIP loss is {loss.item()} at step {self.global_step}: lower lr or check the data")
         size = len(image_features)
+        skip = self.nonfinite.skip_step(any_rank_nonfinite(self, [loss]), self.global_step, f"loss={loss.item():.4g}")
+        self.nonfinite.log_count(self, size)
+        if skip:
+            return zero_loss(self)  # every rank skips (they agreed); `on_before_optimizer_step` drops the gradients
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/logit_scale", self.logit_scale().detach(), batch_size=size)
         if self.model.logit_bias is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=size)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_weights(checkpoint, "CLIP", self.global_step)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.nonfinite.drop_gradients(optimizer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():

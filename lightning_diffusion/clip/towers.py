@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from torch import nn
 
+from lightning_diffusion.checkpoints import refused
 from lightning_diffusion.clip.model_configs import model_config, register_project_configs
 from lightning_diffusion.errors import UserError
 from lightning_diffusion.pretrained.efficientnet import ARCHITECTURE as EFFICIENTNET_ARCHITECTURE
@@ -90,7 +92,8 @@ def find_cached_pretrained(model_name: str, tag: str, cache_dir: str | None = No
     if not tag_cfg:
         known = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
         raise UserError(
-            f"pretrained '{tag}' is neither a file nor an open_clip tag of {model_name} (tags: {known})"
+            f"model.pretrained '{tag}' is neither a file nor an open_clip tag of {model_name} (tags: {known}): "
+            "give the path of an existing weights file or one of the tags"
         )
     looked: list[str] = []
     if tag_cfg.get("hf_hub"):
@@ -168,6 +171,8 @@ def build_clip_model(
                 force_context_length=context_length, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
                 force_preprocess_cfg=preprocess or None, cache_dir=cache_dir, **logits,
             )
+        except pickle.UnpicklingError as err:  # open_clip loads with weights_only=True
+            raise refused(checkpoint, "open_clip weights", "model.pretrained", err) from err
         except RuntimeError as err:
             raise UserError(
                 f"pretrained '{pretrained}' could not be loaded into {model_name} ({str(err).splitlines()[0]}): "

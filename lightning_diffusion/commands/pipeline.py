@@ -35,6 +35,15 @@ from lightning_diffusion.errors import UserError
 STAGES = ("data", "vae_gan", "clip", "latents", "denoiser", "evaluate", "report")
 FIT_STAGES = ("vae_gan", "clip", "denoiser")
 DONE = "done.json"
+# The preset's keys outside the fit stages' `config`/`overrides` (anything else is a typo, refused up front).
+SETTINGS: dict[str, set[str]] = {
+    "": {"image_size", "data", "stages"},
+    "data": {"dir", "build_size", "limit"},
+    "latents": {"batch_size", "posterior"},
+    "evaluate": {"num_samples", "batch_size", "encoder", "vae_metrics", "denoiser_metrics"},
+    "report": {"guidance", "samples_per_prompt", "steps", "prompts_per_split"},
+    **{stage: {"config", "overrides"} for stage in FIT_STAGES},
+}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -52,12 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- presets
-def find_file(path: str | Path, what: str) -> Path:
+def find_file(path: str | Path, what: str, fix: str = "check the path") -> Path:
     """A path as given (relative to the working directory), else relative to the repository root."""
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.is_file():
             return candidate.resolve()
-    raise UserError(f"{what} '{path}' does not exist (looked in {Path.cwd()} and {REPO_ROOT})")
+    raise UserError(f"{what} '{path}' does not exist (looked in {Path.cwd()} and {REPO_ROOT}): {fix}")
 
 
 def merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +79,8 @@ def merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """Read a preset (a name in configs/pipeline/ or a file), following `extends:` chains."""
-    path = find_file(name if name.endswith((".yaml", ".yml")) else f"configs/pipeline/{name}.yaml", "--preset")
+    path = find_file(name if name.endswith((".yaml", ".yml")) else f"configs/pipeline/{name}.yaml", "--preset",
+                     "give a preset name from configs/pipeline/ (quickstart, smoke) or a YAML file")
     try:
         preset = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -88,6 +98,9 @@ def apply_override(preset: dict[str, Any], text: str) -> None:
         raise UserError(f"--override {text!r}: write STAGE.KEY=VALUE, e.g. denoiser.trainer.max_steps=100")
     value = yaml.safe_load(raw) if raw.strip() else None
     head, _, rest = key.partition(".")
+    if head not in STAGES and head not in SETTINGS[""]:
+        raise UserError(f"--override {text!r}: unknown key '{head}'; start with a stage "
+                        f"({', '.join(STAGES[1:])}), data or image_size, e.g. evaluate.num_samples=64")
     if head in FIT_STAGES and rest:
         preset["stages"][head].setdefault("overrides", {})[rest] = value
         return
@@ -104,10 +117,24 @@ def check_preset(preset: dict[str, Any], where: str) -> None:
     if missing or not isinstance(preset.get("data"), dict) or not isinstance(preset.get("image_size"), int):
         raise UserError(f"preset {where} needs image_size, data and stages.{{{', '.join(STAGES[1:])}}}; "
                         f"missing: {', '.join(missing) or 'image_size/data'} (see configs/pipeline/quickstart.yaml)")
+    size = preset["image_size"]
+    if isinstance(size, bool) or size < 1:
+        raise UserError(f"preset {where}: image_size must be a positive integer, got {size!r}; set e.g. image_size: 32")
+    sections = {"": preset, "data": preset["data"], **{stage: stages[stage] for stage in STAGES[1:]}}
+    unknown = [f"{'stages.' if name not in ('', 'data') else ''}{name}{'.' if name else ''}{key}"
+               for name, section in sections.items() for key in (section or {}) if key not in SETTINGS[name]]
+    unknown += [f"stages.{key}" for key in stages if key not in STAGES]
+    if unknown:
+        raise UserError(f"preset {where}: unknown key(s) {', '.join(unknown)}; the keys are those of "
+                        "configs/pipeline/quickstart.yaml")
     for stage in FIT_STAGES:
         if "config" not in stages[stage]:
             raise UserError(f"preset {where}: stages.{stage}.config is not set (a stage config such as "
                             f"configs/{stage}/tiny.yaml)")
+        find_file(stages[stage]["config"], f"stages.{stage}.config",
+                  f"point it at a stage config such as configs/{stage}/tiny.yaml")
+    if stages["latents"].get("posterior", "mode") not in ("mode", "sample"):
+        raise UserError(f"stages.latents.posterior must be mode or sample, got {stages['latents']['posterior']!r}")
 
 
 # ----------------------------------------------------------------------------------------------------- running

@@ -54,7 +54,16 @@ def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
     kwargs = {key: value for key, value in hparams.items() if not key.startswith("_")}
     kwargs.update({key: value for key, value in overrides.items() if value is not None})
     model = Denoiser(**kwargs)
-    model.load_state_dict(checkpoint["state_dict"])
+    trained = checkpoint["state_dict"].get("unet.out.2.weight")  # [sample channels, C, 3, 3]
+    if trained is not None and trained.shape[0] != model.sample_shape[0]:
+        raise UserError(f"the VAE-GAN '{kwargs.get('vae_checkpoint')}' gives {model.sample_shape[0]} latent channels "
+                        f"but the denoiser '{path}' was trained on {trained.shape[0]}: pass the VAE-GAN checkpoint it "
+                        "was trained with (--vae-checkpoint)")
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"'{path}' (--ckpt) does not fit the denoiser its hyper-parameters describe "
+                        f"({str(err).splitlines()[-1].strip()}): pass a checkpoint written by `fit`") from err
     return model.eval()
 
 
@@ -73,9 +82,11 @@ def _rows(args: argparse.Namespace, model: Denoiser) -> list[dict]:
     """One dict per grid row: the condition (prompt / label) and the guidance weight."""
     kinds = model.kinds
     if args.prompt is not None and "text" not in kinds:
-        raise UserError(f"--prompt given, but this model's conditioning is {model.hparams.conditioning!r}")
+        raise UserError(f"--prompt given, but this model's conditioning is {model.hparams.conditioning!r}: "
+                        "leave out --prompt")
     if args.label is not None and "class" not in kinds:
-        raise UserError(f"--label given, but this model's conditioning is {model.hparams.conditioning!r}")
+        raise UserError(f"--label given, but this model's conditioning is {model.hparams.conditioning!r}: "
+                        "leave out --label")
     if "text" in kinds and not args.prompt:
         raise UserError("this model is text-conditioned: give at least one --prompt")
     if "class" in kinds and not args.label:

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
 
+from lightning_diffusion.diffusion.arguments import check_arguments, check_guidance, check_sampler
 from lightning_diffusion.diffusion.conditioning import (
     Condition, Conditioning, NullCondition, condition_kinds, downsample_for_lowres, is_guidable,
 )
@@ -36,29 +37,14 @@ from lightning_diffusion.diffusion.samplers import (
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.nonfinite import (
+    NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
+)
 
 Objective = Literal["eps", "v", "x0", "flow"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
 DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of koala", "a flat vector emoji of koala")
 DEFAULT_TRAIN_PROMPTS = ("a 3D rendered emoji of red apple", "a flat vector emoji of red apple")
-
-
-def check_sampler(objective: str, sampler: str, key: str = "sampler") -> None:
-    """DDPM/DDIM step a VP model; Euler/Heun integrate either the flow or the VP probability-flow ODE."""
-    if sampler not in ("ddim", "ddpm", "euler", "heun"):
-        raise UserError(f"unknown {key} {sampler!r}: use ddim, ddpm, euler or heun")
-    if objective == "flow" and sampler in ("ddim", "ddpm"):
-        raise UserError(f"{key} {sampler!r} needs a DDPM-style model but this one uses the flow objective: "
-                        f"use euler or heun")
-
-
-def check_guidance(conditioning: str, guidance: float, key: str = "guidance") -> None:
-    """Guidance contrasts a text/class condition with the null one; a model without such a condition has none."""
-    if guidance < 0:
-        raise UserError(f"{key} must be >= 0 (1 = plain conditional sampling); got {guidance}")
-    if guidance != 1 and not is_guidable(conditioning):
-        raise UserError(f"{key} {guidance} needs a text- or class-conditioned model, but this one's conditioning is "
-                        f"{conditioning!r}: use {key} 1")
 
 
 def uncond_drop_mask(batch_size: int, p_uncond: float, seed: int, step: int, batch_idx: int, rank: int) -> Tensor:
@@ -109,13 +95,17 @@ class Denoiser(LightningModule):
         grid_every_n_steps: int = 1000,
         val_timesteps: int = 8,
         seed: int = 0,
+        nonfinite_loss: NonFiniteMode = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.kinds = condition_kinds(conditioning)
         self.guidable = is_guidable(conditioning)
         self.val_guidance = (3.0 if self.guidable else 1.0) if val_guidance is None else val_guidance
-        self._check_arguments()
+        check_arguments(self.hparams, self.kinds, self.val_guidance)
+        self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "denoiser",
+                                        "lower model.lr, or use trainer.precision 32-true / bf16-mixed, not 16-mixed")
         self.schedule = make_schedule(schedule, num_timesteps)
 
         self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
@@ -141,23 +131,6 @@ class Denoiser(LightningModule):
         self.null = NullCondition(conditioning, text_width, pooled_dim, num_classes)
         self._grid_step: int | None = None
         self._reference: dict[str, Any] | None = None
-
-    def _check_arguments(self) -> None:
-        hp = self.hparams
-        check_sampler(hp.objective, hp.val_sampler, "model.val_sampler")
-        check_guidance(hp.conditioning, self.val_guidance, "model.val_guidance")
-        if not 0 <= hp.p_uncond < 1:
-            raise UserError(f"model.p_uncond must be in [0, 1); got {hp.p_uncond}")
-        if "class" in self.kinds and not (hp.num_classes and hp.num_classes > 0):
-            raise UserError("class conditioning needs model.num_classes (the number of labels in the data)")
-        if "class" in self.kinds and not all(0 <= label < hp.num_classes for label in hp.val_labels):
-            raise UserError(f"model.val_labels {list(hp.val_labels)} must lie in [0, model.num_classes = "
-                            f"{hp.num_classes})")
-        if "lowres" in self.kinds and not (hp.lowres_size and 0 < hp.lowres_size < hp.image_size):
-            raise UserError(f"low-res conditioning needs model.lowres_size below model.image_size "
-                            f"({hp.image_size}); got {hp.lowres_size}")
-        if hp.val_steps < 1 or hp.val_timesteps < 1 or hp.samples_per_prompt < 1 or hp.grid_every_n_steps < 1:
-            raise UserError("model.val_steps, val_timesteps, samples_per_prompt and grid_every_n_steps must be >= 1")
 
     def _diffusion_input_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` the U-Net denoises: the image, or the VAE latent of an image of ``image_size``."""
@@ -258,6 +231,7 @@ class Denoiser(LightningModule):
         return diffusion_loss(self(x_t, t, condition), target, weight)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.nonfinite.remember_norm_stats(self)
         x0 = self.batch_x0(batch)
         condition = self.batch_condition(batch)
         if self.guidable:  # also at p_uncond 0: the null parameters stay in the graph, as plain DDP requires
@@ -267,11 +241,18 @@ class Denoiser(LightningModule):
         else:
             t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=self.device)
         loss = self.loss_at(x0, torch.randn_like(x0), t, condition)
-        if not torch.isfinite(loss):
-            raise UserError(f"the training loss is {loss.item()} at step {self.global_step}: lower model.lr, or use "
-                            f"trainer.precision 32-true / bf16-mixed instead of 16-mixed")
+        skip = self.nonfinite.skip_step(any_rank_nonfinite(self, [loss]), self.global_step, f"loss={loss.item():.4g}")
+        self.nonfinite.log_count(self, x0.shape[0])
+        if skip:
+            return zero_loss(self)  # every rank skips (they agreed); `on_before_optimizer_step` drops the gradients
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_weights(checkpoint, "denoiser", self.global_step)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.nonfinite.drop_gradients(optimizer)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

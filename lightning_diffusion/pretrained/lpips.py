@@ -43,9 +43,14 @@ def backbone_weights_path(net_type: str, home: str | os.PathLike | None = None) 
 
 
 def check_backbone_weights(net_type: str, home: str | os.PathLike | None = None) -> Path:
-    """Raise a `UserError` naming the file and how to get it when the backbone weights are not cached."""
+    """Raise a `UserError` naming the file and how to get it when the backbone weights are not cached (or are not
+    a plain-weights file)."""
     path = backbone_weights_path(net_type, home)
-    if not path.is_file():
+    if path.is_file():  # torchvision loads it with weights_only=False: refuse a pickle that would run code first
+        from lightning_diffusion.checkpoints import check_checkpoint
+
+        check_checkpoint(path, what=f"LPIPS ({net_type}) backbone weights")
+    else:
         file_name, builder = BACKBONE_FILES[net_type]
         raise UserError(
             f"LPIPS ({net_type}) needs the torchvision backbone weights '{path}', which are missing: on a machine "
