@@ -205,6 +205,12 @@ CASES = [
          "--metrics", "choose from"),
     Case("evaluate clip_score without a CLIP", lambda e: e.evaluate(e.files.flow_denoiser, "--metrics", "clip_score"),
          "--clip-ckpt", "pass --clip-ckpt"),
+    Case("evaluate missing shards", lambda e: [*e.evaluate(e.files.vae)[:4], str(e.tmp / "none-*.tar"),
+                                               *e.evaluate(e.files.vae)[5:]], "--data", "none-*.tar"),
+    Case("evaluate DDIM with a flow model", lambda e: e.evaluate(e.files.flow_denoiser, "--metrics", "fid",
+                                                                 "--sampler", "ddim"), "--sampler", "euler or heun"),
+    Case("evaluate guidance for an autoencoder", lambda e: e.evaluate(e.files.vae, "--guidance", "3"), "--guidance",
+         "denoiser checkpoints"),
     # ---- pipeline (its stages are never started: see _no_stage_runs)
     Case("pipeline missing preset", lambda e: e.pipeline("--preset", str(e.tmp / "nope.yaml")), "nope.yaml",
          "configs/pipeline"),

@@ -165,7 +165,10 @@ class CLIPModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.nonfinite.drop_gradients(optimizer)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Clamp the logit scale right after each optimiser step (as open_clip does), inside the step, so that a
+        checkpoint written at the end of the batch (exact resume) already holds the clamped value."""
+        super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0.0, math.log(self.hparams.max_logit_scale))
 

@@ -35,6 +35,9 @@ from lightning_diffusion.errors import UserError
 STAGES = ("data", "vae_gan", "clip", "latents", "denoiser", "evaluate", "report")
 FIT_STAGES = ("vae_gan", "clip", "denoiser")
 DONE = "done.json"
+# Lightning's default (rich) bar draws nothing until the end when its output is a pipe, as the stages' output is
+# here (it goes to the terminal and to <stage>/log.txt): tqdm's bar updates a line there every `refresh_rate` steps.
+PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 10}}
 # The preset's keys outside the fit stages' `config`/`overrides` (anything else is a typo, refused up front).
 SETTINGS: dict[str, set[str]] = {
     "": {"image_size", "data", "stages"},
@@ -43,6 +46,7 @@ SETTINGS: dict[str, set[str]] = {
     "evaluate": {"num_samples", "batch_size", "encoder", "vae_metrics", "denoiser_metrics"},
     "report": {"guidance", "samples_per_prompt", "steps", "prompts_per_split"},
     **{stage: {"config", "overrides"} for stage in FIT_STAGES},
+    "denoiser": {"config", "overrides", "sample_metrics"},
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -218,13 +222,27 @@ class Pipeline:
         folder = self.stage_dir(stage)
         overrides = {
             "trainer.default_root_dir": str(folder),
-            "trainer.callbacks": checkpoint_callbacks(base, folder / "checkpoints"),
+            "trainer.callbacks": checkpoint_callbacks(base, folder / "checkpoints") + self.sample_metrics(stage)
+            + [PROGRESS_BAR],
             "trainer.logger": self.loggers(stage),
             **automatic,
             **(spec.get("overrides") or {}),
         }
         return [sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(config),
                 *(f"--{key}={cli_value(value)}" for key, value in overrides.items())]
+
+    def sample_metrics(self, stage: str) -> list[dict[str, Any]]:
+        """The denoiser's `SampleMetrics` callback (Fréchet distance and CLIP score of samples vs training steps,
+        on the held-out concepts) when the preset asks for it under `stages.denoiser.sample_metrics`."""
+        spec = self.preset["stages"][stage].get("sample_metrics") if stage == "denoiser" else None
+        if not spec:
+            return []
+        if not isinstance(spec, dict):
+            raise UserError("stages.denoiser.sample_metrics must be a mapping of SampleMetrics arguments, e.g. "
+                            "{num_samples: 256, every_n_steps: 500}")
+        init_args = {"data": self.shards("val"), "clip_checkpoint": str(self.checkpoint("clip")), **spec}
+        init_args["num_samples"] = min(int(init_args.get("num_samples", 256)), val_count(self.data_dir))
+        return [{"class_path": "lightning_diffusion.diffusion.sample_metrics.SampleMetrics", "init_args": init_args}]
 
     def loggers(self, stage: str) -> list[dict[str, Any]]:
         """W&B (the project's default; left out under WANDB_MODE=disabled) and a CSV log the report plots from."""

@@ -121,7 +121,8 @@ class SampleMetrics(Callback):
         per_rank = math.ceil(self.num_samples / world)
         from lightning_diffusion.metrics.sources import real_loader
 
-        loader = real_loader(self.data, self.image_size(pl_module), self.batch_size, self.num_samples)
+        loader = real_loader(self.data, self.image_size(pl_module), self.batch_size, self.num_samples,
+                             key="SampleMetrics.data")
         was_training = pl_module.training
         pl_module.eval()
         try:

@@ -24,13 +24,15 @@ def world_size() -> int:
 
 def real_loader(
     urls: str | Sequence[str], image_size: int, batch_size: int, num_samples: int, num_workers: int = 0,
-    seed: int = 0, require_caption: bool = True,
+    seed: int = 0, require_caption: bool = True, key: str = "--data",
 ) -> Any:
-    """Unshuffled full batches of real (image, caption) samples, this rank's contiguous share of the shards."""
+    """Unshuffled full batches of real (image, caption) samples, this rank's contiguous share of the shards.
+    `key` names the setting the shards came from in errors (`--data`, `SampleMetrics.data`)."""
     from data_pipelines.datamodule import ShardDataModule
+    from data_pipelines.urls import resolve_shards
 
     batch_size = max(1, min(batch_size, math.ceil(num_samples / world_size())))  # full batches only
-    urls = urls if isinstance(urls, str) else list(urls)
+    urls = resolve_shards(urls, key)
     data = ShardDataModule(
         train_urls=urls, val_urls=urls, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
         seed=seed, shuffle_buffer=0, require_caption=require_caption, persistent_workers=False,
@@ -61,7 +63,7 @@ def real_statistics(
     per_rank = math.ceil(num_samples / world_size())
 
     def compute() -> RealStatistics:
-        loader = real_loader(urls, image_size, batch_size, num_samples, num_workers, require_caption=False)
+        loader = real_loader(shards, image_size, batch_size, num_samples, num_workers, require_caption=False)
         batches = (batch["image"].to(device) for batch in loader)
         return compute_real_statistics(suite.encode, batches, suite.encoder.num_features, per_rank, need_features)
 
