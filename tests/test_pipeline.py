@@ -41,11 +41,42 @@ def test_checkpoint_callbacks_point_every_model_checkpoint_at_the_stage() -> Non
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
     ]}}
     callbacks = checkpoint_callbacks(config, Path("/o/ckpt"))
-    assert callbacks[0]["init_args"] == {"dirpath": "/o/ckpt", "monitor": "m", "save_last": True,
+    assert callbacks[0]["init_args"] == {"dirpath": "/o/ckpt", "monitor": "m", "save_last": False,
                                          "enable_version_counter": False}
     assert callbacks[1] == config["trainer"]["callbacks"][1] and config["trainer"]["callbacks"][0]["init_args"][
         "dirpath"] == "runs/x"  # the config itself is not changed
+    assert callbacks[2]["init_args"] == {"dirpath": "/o/ckpt", "save_last": True, "save_top_k": 0,
+                                         "enable_version_counter": False}  # last.ckpt = the final weights
     assert checkpoint_callbacks({}, Path("/o/c"))[0]["init_args"]["dirpath"] == "/o/c"
+    unmonitored = {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                              "init_args": {"save_top_k": 0}}]}}
+    assert [c["init_args"]["save_last"] for c in checkpoint_callbacks(unmonitored, Path("/o/c"))] == [True]
+
+
+def test_last_checkpoint_holds_the_final_step_when_the_last_validation_is_not_the_best(tmp_path: Path) -> None:
+    """Lightning 2.6 skips `last.ckpt` of a monitored ModelCheckpoint when the validation is not a new best; the
+    callbacks the pipeline builds must still leave the final weights in `last.ckpt`."""
+    import importlib
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Worsening(BoringModel):
+        def validation_step(self, batch, batch_idx):  # val/loss rises: only the first validation is the best
+            self.log("val/loss", float(self.global_step))
+
+    config = {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "filename": "best", "monitor": "val/loss", "mode": "min", "save_top_k": 1, "save_last": True}}]}}
+    callbacks = []
+    for spec in checkpoint_callbacks(config, tmp_path / "ckpt"):
+        module, _, name = spec["class_path"].rpartition(".")
+        callbacks.append(getattr(importlib.import_module(module), name)(**spec.get("init_args", {})))
+    trainer = pl.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, callbacks=callbacks, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Worsening())
+    load = lambda name: torch.load(tmp_path / "ckpt" / name, weights_only=True)  # noqa: E731
+    assert load("last.ckpt")["global_step"] == 6 and load("best.ckpt")["global_step"] == 2
     assert cli_value([]) == "[]" and cli_value("a b") == "a b" and cli_value(True) == "true"
 
 

@@ -339,17 +339,27 @@ class Pipeline:
 
 
 def checkpoint_callbacks(config: dict[str, Any], dirpath: Path) -> list[dict[str, Any]]:
-    """The stage config's callbacks with every ModelCheckpoint writing `last.ckpt` into `dirpath` (added if none)."""
+    """The stage config's callbacks with every ModelCheckpoint writing into `dirpath`, and `last.ckpt` = the final
+    weights.
+
+    Lightning 2.6 writes `last.ckpt` of a monitored ModelCheckpoint only when that validation also wrote a top-k
+    file, and not again at the end: a run whose last validation is not its best keeps a stale `last.ckpt` (found
+    when the quickstart scored its step-4000 denoiser after 5000 steps; docs/gotchas.md). So monitored checkpoints
+    keep only their best files here, and an unmonitored one (`save_top_k: 0`) writes `last.ckpt` when training ends.
+    """
     callbacks = [dict(c) for c in ((config.get("trainer") or {}).get("callbacks") or []) if isinstance(c, dict)]
-    found = False
+    has_last = False
     for callback in callbacks:
         if str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
-            callback["init_args"] = {**(callback.get("init_args") or {}), "dirpath": str(dirpath), "save_last": True,
-                                     "enable_version_counter": False}
-            found = True
-    if not found:
+            args = {**(callback.get("init_args") or {}), "dirpath": str(dirpath), "enable_version_counter": False}
+            monitored = args.get("monitor") is not None
+            args["save_last"] = not monitored
+            has_last = has_last or not monitored
+            callback["init_args"] = args
+    if not has_last:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                          "init_args": {"dirpath": str(dirpath), "save_last": True, "save_top_k": 0}})
+                          "init_args": {"dirpath": str(dirpath), "save_last": True, "save_top_k": 0,
+                                        "enable_version_counter": False}})
     return callbacks
 
 
