@@ -37,12 +37,26 @@ def load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def import_quickstart(run: Path) -> None:
+def wall_seconds(time_log: Path) -> float:
+    """The `real` line of bash's `time` output, in seconds (`real\t35m37.824s`)."""
+    for line in time_log.read_text(errors="replace").splitlines():
+        if line.startswith("real"):
+            minutes, _, rest = line.split()[1].partition("m")
+            return 60 * float(minutes) + float(rest.rstrip("s"))
+    raise SystemExit(f"error: no `real` line of bash's `time` in {time_log}")
+
+
+def import_quickstart(run: Path, time_log: Path | None = None, note: str | None = None) -> None:
     """Copy what the README shows of a quickstart run into the repository (numbers and the grids)."""
     report = run / "report"
     metrics = json.loads((report / "metrics.json").read_text())
     keep = {key: metrics[key] for key in ("stage_seconds", "evaluation", "preset") if key in metrics}
     keep["run"] = run.name
+    if time_log is not None:
+        keep["make_run_seconds"] = wall_seconds(time_log)
+    if note:
+        keep["note"] = note
+    keep["denoiser_vs_step"] = sample_metrics_history(run / "denoiser" / "csv" / "version_0" / "metrics.csv")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quickstart.json").write_text(json.dumps(keep, indent=2) + "\n")
     IMAGES.mkdir(parents=True, exist_ok=True)
@@ -52,6 +66,22 @@ def import_quickstart(run: Path) -> None:
             caption = (report / name).with_suffix(".txt")
             if caption.is_file():
                 shutil.copyfile(caption, IMAGES / f"quickstart_{Path(name).stem}.txt")
+
+
+def sample_metrics_history(csv_path: Path) -> list[dict[str, float]]:
+    """The denoiser's `SampleMetrics` values (Fréchet distance, CLIP score) at each step they were measured."""
+    import csv
+
+    if not csv_path.is_file():
+        return []
+    rows: dict[int, dict[str, float]] = {}
+    with open(csv_path) as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key.startswith(("val/fd_", "val/fid_", "val/clip_score")) and value:
+                    # loggers record a validation after optimiser step n under step n - 1
+                    rows.setdefault(int(row["step"]) + 1, {})[key.removeprefix("val/")] = float(value)
+    return [{"step": step, **values} for step, values in sorted(rows.items())]
 
 
 def machine_line(result: dict[str, Any]) -> str:
@@ -67,24 +97,48 @@ def quickstart_section() -> list[str]:
                 "`python benchmarks/render_readme.py --quickstart runs/quickstart`.", ""]
     seconds = data["stage_seconds"]
     total = sum(seconds.values())
-    lines = ["### Quickstart (`make quickstart`: the whole chain on the emoji shards, 2-core CPU)", "",
+    lines = ["### Quickstart (`make run`: the whole chain on the emoji shards, 2-core CPU)", "",
              "| stage | wall time |", "|---|---|"]
-    lines += [f"| {stage} | {value / 60:.1f} min |" for stage, value in seconds.items()]
-    lines += [f"| **total** | **{total / 60:.1f} min** |", ""]
+    lines += [f"| {stage} | {value / 60:.1f} min |" for stage, value in seconds.items() if value > 0]
+    lines += [f"| all stages | {total / 60:.1f} min |"]
+    if "make_run_seconds" in data:
+        lines += [f"| **`make run` on a fresh clone** (install, emoji shards, all stages) | "
+                  f"**{data['make_run_seconds'] / 60:.1f} min** |"]
+    lines.append("")
+    if data.get("note"):
+        lines += [data["note"], ""]
     for name, title in (("vae_gan", "VAE-GAN reconstructions"), ("denoiser", "Text-to-image samples")):
         evaluation = data.get("evaluation", {}).get(name)
         if evaluation:
             metrics = ", ".join(f"{key} **{value:.4g}**" for key, value in evaluation["metrics"].items())
             lines.append(f"- {title} ({evaluation['num_samples']} held-out-concept images, encoder "
                          f"{evaluation['encoder']}): {metrics}")
+    history = data.get("denoiser_vs_step") or []
+    if history:
+        keys = [key for key in history[-1] if key != "step"]
+        lines += ["", "Denoiser sample quality during training (`SampleMetrics`, held-out captions):", "",
+                  "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {row['step']} | "
+                  + " | ".join(f"{row.get(key, float('nan')):.4g}" for key in keys) + " |" for row in history]
     lines.append("")
     for name, title in (("samples_heldout", "held-out concepts"), ("samples_train", "training concepts")):
         image = IMAGES / f"quickstart_{name}.png"
         if image.is_file():
-            caption = IMAGES / f"quickstart_{name}.txt"
-            note = f" — {caption.read_text().strip().splitlines()[0]}" if caption.is_file() else ""
-            lines += [f"Samples, {title}{note}:", "", f"![{title}](docs/results/{image.name})", ""]
+            lines += [f"Samples, {title}{grid_rows(IMAGES / f'quickstart_{name}.txt')}:", "",
+                      f"![{title}](docs/results/{image.name})", ""]
     return lines
+
+
+def grid_rows(caption: Path) -> str:
+    """` — rows: <prompt> at w = 1, 3, 5; ...` from a grid's caption file (`row i: prompt='...' guidance=w`)."""
+    import re
+
+    if not caption.is_file():
+        return ""
+    rows: dict[str, list[str]] = {}
+    for match in re.finditer(r"prompt='(.*?)' guidance=(\S+)", caption.read_text()):
+        rows.setdefault(match[1], []).append(match[2])
+    return " — rows: " + "; ".join(f"“{p}” at w = {', '.join(w)}" for p, w in rows.items()) if rows else ""
 
 
 def benchmark_section() -> list[str]:
@@ -147,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quickstart", type=Path, help="a finished quickstart run folder to import first")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--time-log", type=Path, help="bash `time make run` output of a fresh clone (its `real` line)")
+    parser.add_argument("--note", help="a sentence shown under the quickstart table (what to know about this run)")
     args = parser.parse_args(argv)
     if args.quickstart is not None:
         if not (args.quickstart / "report" / "metrics.json").is_file():
             raise SystemExit(f"error: {args.quickstart}/report/metrics.json is missing: run `make quickstart` first")
-        import_quickstart(args.quickstart)
+        import_quickstart(args.quickstart, args.time_log, args.note)
     text = args.readme.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"error: {args.readme} has no {START} ... {END} markers: add them where the section goes")
