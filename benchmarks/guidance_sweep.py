@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     add_scoring_arguments(parser)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--prompts", nargs="*", default=[
-        "a 3D rendered emoji of koala", "a flat vector emoji of koala",
-        "a 3D rendered emoji of red apple", "a flat vector emoji of red apple"],
-        help="prompts of the comparison grid (held-out and training concepts)")
+        "a 3D rendered emoji of fox", "a flat vector emoji of pizza",  # held-out: concepts of the val split
+        "a 3D rendered emoji of koala", "a flat vector emoji of red apple"],  # training concepts
+        help="prompts of the comparison grid (default: two held-out and two training concepts)")
     add_common_arguments(parser, repeats=1, device=False)
     args = finish_arguments(parser.parse_args(argv))
     if args.quick:

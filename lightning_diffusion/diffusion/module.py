@@ -43,7 +43,7 @@ from lightning_diffusion.nonfinite import (
 
 Objective = Literal["eps", "v", "x0", "flow"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
-DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of koala", "a flat vector emoji of koala")
+DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of fox", "a flat vector emoji of fox")  # val-split concepts
 DEFAULT_TRAIN_PROMPTS = ("a 3D rendered emoji of red apple", "a flat vector emoji of red apple")
 
 
