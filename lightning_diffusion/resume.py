@@ -20,7 +20,6 @@ draws, to the same weights as a run that was never interrupted (CPU, determinist
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -36,6 +35,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from data_pipelines.epoch_plan import derive_seed
 from lightning_diffusion.errors import UserError
 
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
@@ -108,13 +108,9 @@ def prune(dirpath: str | os.PathLike, step: int, keep_last: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def _step_seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(("train-step", *parts)).encode(), digest_size=8).digest(), "little")
-
-
 def seed_step(seed: int, epoch: int, batch_idx: int, rank: int) -> None:
     """Seed torch (CPU and CUDA), numpy and random for one training batch."""
-    value = _step_seed(seed, epoch, batch_idx, rank)
+    value = derive_seed("train-step", seed, epoch, batch_idx, rank)
     torch.manual_seed(value)
     random.seed(value)
     np.random.seed(value % 2**32)

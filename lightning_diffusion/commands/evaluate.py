@@ -138,17 +138,10 @@ def generation_options(args: argparse.Namespace, model: torch.nn.Module, task: s
     given = {key: value for key, value in options.items() if value is not None}
     if given and task != "generation":
         raise UserError(f"--{'/--'.join(given)} apply to denoiser checkpoints; this one is a {task} model")
-    hparams = getattr(model, "hparams", {})
-    if "sampler" in given and "objective" in hparams:
-        from lightning_diffusion.diffusion.module import check_sampler
+    if given:
+        from lightning_diffusion.diffusion.arguments import check_sampling
 
-        check_sampler(hparams["objective"], given["sampler"], key="--sampler")
-    if "guidance" in given and "conditioning" in hparams:
-        from lightning_diffusion.diffusion.module import check_guidance
-
-        check_guidance(hparams["conditioning"], given["guidance"], key="--guidance")
-    if given.get("steps", 1) < 1:
-        raise UserError(f"--steps must be >= 1, got {given['steps']}")
+        check_sampling(model.hparams, **given, prefix="--")
     return given
 
 

@@ -19,7 +19,8 @@ from PIL import Image
 from lightning_diffusion.checkpoints import load_checkpoint
 from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
-from lightning_diffusion.diffusion.module import Denoiser, check_guidance, check_sampler
+from lightning_diffusion.diffusion.arguments import check_sampling
+from lightning_diffusion.diffusion.module import Denoiser
 from lightning_diffusion.errors import UserError
 
 
@@ -103,13 +104,11 @@ def _rows(args: argparse.Namespace, model: Denoiser) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise UserError(f"--n must be >= 1; got {args.n}")
-    if args.steps is not None and args.steps < 1:
+    if args.steps is not None and args.steps < 1:  # before the (slow) model load
         raise UserError(f"--steps must be >= 1; got {args.steps}")
     model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint)
-    for guidance in args.guidance or []:
-        check_guidance(model.hparams.conditioning, guidance, "--guidance")
-    if args.sampler:
-        check_sampler(model.hparams.objective, args.sampler, "--sampler")
+    for guidance in args.guidance or [None]:
+        check_sampling(model.hparams, sampler=args.sampler, guidance=guidance, prefix="--")
     rows = _rows(args, model)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)

@@ -27,6 +27,18 @@ def check_guidance(conditioning: str, guidance: float, key: str = "guidance") ->
                         f"{conditioning!r}: use {key} 1")
 
 
+def check_sampling(hparams: Any, *, sampler: str | None = None, guidance: float | None = None,
+                   steps: int | None = None, prefix: str = "") -> None:
+    """Sampling options given to `generate`, `sample`, `evaluate` or `SampleMetrics` (None: not given), checked
+    against the model's hparams; `prefix` names them as the user wrote them (`--`, `SampleMetrics.`)."""
+    if sampler is not None:
+        check_sampler(hparams["objective"], sampler, f"{prefix}sampler")
+    if guidance is not None:
+        check_guidance(hparams["conditioning"], guidance, f"{prefix}guidance")
+    if steps is not None and steps < 1:
+        raise UserError(f"{prefix}steps must be >= 1; got {steps}")
+
+
 def check_arguments(hp: Any, kinds: tuple[str, ...], val_guidance: float) -> None:
     """The `Denoiser`'s constructor arguments (`hp`: its hparams) alone and together."""
     check_sampler(hp.objective, hp.val_sampler, "model.val_sampler")

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
 
-from lightning_diffusion.diffusion.arguments import check_arguments, check_guidance, check_sampler
+from lightning_diffusion.diffusion.arguments import check_arguments, check_sampling
 from lightning_diffusion.diffusion.conditioning import (
     Condition, Conditioning, NullCondition, condition_kinds, downsample_for_lowres, is_guidable,
 )
@@ -349,10 +349,7 @@ class Denoiser(LightningModule):
         hp = self.hparams
         guidance = self.val_guidance if guidance is None else guidance
         sampler, steps = sampler or hp.val_sampler, hp.val_steps if steps is None else steps
-        check_sampler(hp.objective, sampler)
-        check_guidance(hp.conditioning, guidance)
-        if steps < 1:
-            raise UserError(f"sampling steps must be >= 1; got {steps}")
+        check_sampling(hp, sampler=sampler, guidance=guidance, steps=steps)
         condition = self.make_condition(captions, labels, lowres)
         sizes = [len(v) for v in (captions, labels, lowres) if v is not None]
         n = sizes[0] if sizes else num_samples

@@ -69,15 +69,9 @@ class SampleMetrics(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "generate", None)):
             raise UserError(f"SampleMetrics needs a model with generate(), not {type(pl_module).__name__}")
-        hparams = pl_module.hparams
-        if "sampler" in self.options:
-            from lightning_diffusion.diffusion.module import check_sampler
+        from lightning_diffusion.diffusion.arguments import check_sampling
 
-            check_sampler(hparams.get("objective", "eps"), self.options["sampler"], key="SampleMetrics.sampler")
-        if "guidance" in self.options:
-            from lightning_diffusion.diffusion.module import check_guidance
-
-            check_guidance(hparams.get("conditioning", "none"), self.options["guidance"], key="SampleMetrics.guidance")
+        check_sampling(pl_module.hparams, **self.options, prefix="SampleMetrics.")
 
     def _build(self, pl_module: LightningModule) -> Evaluator:
         from lightning_diffusion.metrics.encoders import build_encoder
