@@ -182,6 +182,17 @@ class ShardDataModule(LightningDataModule):
         """Samples this rank skipped as unreadable, per split, since construction."""
         return {split: tally.total for split, tally in self.tallies.items()}
 
+    @property
+    def tensor_keys(self) -> tuple[str, ...]:
+        """The pre-encoded entries each sample loads (e.g. `latent.npy`), lower-cased."""
+        return self.decoder.tensor_keys
+
+    def shard_urls(self, split: str) -> list[str]:
+        """The shard files of `train` or `val` (patterns resolved; [] for a split without urls)."""
+        if split == "val" and self.val_urls is None:
+            return []
+        return list(self._shards(split)[0])
+
     def set_tokenizer(self, tokenizer: Tokenizer | None) -> None:
         """Tokenize captions in the workers' collate (overrides the LightningModule's `tokenizer`)."""
         self._tokenizer = None if tokenizer is None else _checked_tokenizer(tokenizer, "set_tokenizer()", self.num_workers)

@@ -7,8 +7,11 @@ Each output sample keeps the input's `__key__` and caption and holds:
   (`Denoiser.batch_x0`), so the shards stay valid if the scale is re-measured.
 - `txt`: the caption; `json`: the VAE checkpoint's sha256, its `latent_scale`, the posterior choice, the image
   size, and the input's integer `label` when it had one.
-- `text_emb.npy` (with `--text-encoder CLIP_CKPT`): float16 `[L, D]` per-token states of the frozen CLIP text
-  tower (`CLIPTextEncoder`), with the number of real tokens as `text_tokens` in the json.
+- `text_emb.npy` and `text_pooled.npy` (with `--text-encoder CLIP_CKPT`): float16 `[L, D]` per-token states and
+  `[P]` pooled embedding of the frozen CLIP text tower (`CLIPTextEncoder`), with the number of real tokens as
+  `text_tokens` in the json. A text denoiser whose `model.clip_checkpoint` is that file reads them instead of
+  running its text tower (`data.tensor_keys: [latent.npy, text_emb.npy, text_pooled.npy]`); the manifest's
+  checkpoint hashes let it check that before training.
 
 Input is read through `ShardDataModule`'s unshuffled validation stream, one sample per item so nothing is
 dropped for batching; a corrupt input sample is skipped (the stream then repeats an earlier sample, which is
@@ -40,7 +43,8 @@ CREATED_BY = "python -m data_pipelines encode-latents"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", required=True, help="VAE-GAN checkpoint (a vae_gan stage's .ckpt)")
     parser.add_argument("--text-encoder", default=None,
-                        help="CLIP checkpoint: also store per-token text states as text_emb.npy")
+                        help="CLIP checkpoint: also store its text tower's per-token states and pooled embedding "
+                             "(text_emb.npy, text_pooled.npy)")
     parser.add_argument("--in", dest="urls", required=True, nargs="+",
                         help="input image shards (patterns like 'data/emoji/train-*.tar')")
     parser.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
@@ -167,10 +171,10 @@ def run(args: argparse.Namespace) -> int:
             images = batch["image"].to(device)
             latents = encode_batch(vae, images, batch["key"], args.posterior, args.seed).cpu().numpy()
             latent_shape = list(latents.shape[1:])
-            states = lengths = None
+            states = pooled = lengths = None
             if text_encoder is not None:
                 tokens = text_encoder.tokenizer(batch["caption"]).to(device)
-                states = text_encoder(tokens)[0].half().cpu().numpy()
+                states, pooled = (part.half().cpu().numpy() for part in text_encoder(tokens))
                 lengths = text_encoder.token_mask(tokens).sum(1).tolist()
             if len(seen) == len(batch["key"]):  # first batch: shards are about to change, not "done" until rewritten
                 (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -181,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
                 entries = {"latent.npy": npy_bytes(latents[i]), "txt": batch["caption"][i].encode()}
                 if states is not None:
                     entries["text_emb.npy"] = npy_bytes(states[i])
+                    entries["text_pooled.npy"] = npy_bytes(pooled[i])
                     meta["text_tokens"] = int(lengths[i])
                 entries["json"] = json.dumps(meta, sort_keys=True).encode()
                 writer.write(key, entries)
@@ -203,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         "skipped_samples": int(sum(data.skipped_samples.values())),
     }
     write_manifest(out, {"dataset": out.name, "created_by": CREATED_BY, "image_size": image_size,
-                         "tensor_keys": ["latent.npy"] + (["text_emb.npy"] if text_encoder is not None else []),
+                         "tensor_keys": ["latent.npy"] + (["text_emb.npy", "text_pooled.npy"] if text_encoder is not None else []),
                          "options": options, "counts": counts, "shards": shards})
     print(f"wrote {len(seen)} latents {latent_shape} ({args.posterior}, unscaled; latent_scale {latent_scale:.4g}) "
           f"in {len(writer.shards)} shards to {out}; skipped {options[args.prefix]['skipped_samples']} unreadable",

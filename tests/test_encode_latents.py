@@ -135,11 +135,12 @@ def test_text_embeddings_and_prefixes_share_one_folder(inputs: Path) -> None:
     torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, inputs / "clip.ckpt")
     out = encode(inputs, "latents", "--text-encoder", str(inputs / "clip.ckpt"), "--batch-size", "4")
     encode(inputs, "latents", "--prefix", "val")
-    batch = read_all(str(out / "train-*.tar"), ["latent.npy", "text_emb.npy"])
+    batch = read_all(str(out / "train-*.tar"), ["latent.npy", "text_emb.npy", "text_pooled.npy"])
     text = CLIPTextEncoder.from_checkpoint(inputs / "clip.ckpt")
     with torch.no_grad():
-        states = text(text.tokenizer(batch["caption"]))[0]
+        states, pooled = text(text.tokenizer(batch["caption"]))
     torch.testing.assert_close(batch["text_emb"], states, rtol=2e-3, atol=2e-3)  # stored as float16
+    torch.testing.assert_close(batch["text_pooled"], pooled, rtol=2e-3, atol=2e-3)
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(s["name"] for s in manifest["shards"]) == ["train-000000.tar", "val-000000.tar"]
     assert manifest["counts"] == {"train": {"total": 10}, "val": {"total": 10}}

@@ -276,7 +276,8 @@ class Pipeline:
             "denoiser", {
                 "data.init_args.train_urls": str(latents / "train-*.tar"),
                 "data.init_args.val_urls": str(latents / "val-*.tar"),
-                "data.init_args.image_keys": [], "data.init_args.tensor_keys": ["latent.npy"],
+                "data.init_args.image_keys": [],
+                "data.init_args.tensor_keys": ["latent.npy", "text_emb.npy", "text_pooled.npy"],
                 "data.init_args.image_size": size, "model.init_args.image_size": size,
                 "model.init_args.space": "latent", "model.init_args.vae_checkpoint": str(self.checkpoint("vae_gan")),
                 "model.init_args.text_encoder": "clip", "model.init_args.clip_checkpoint": str(self.checkpoint("clip")),
@@ -316,6 +317,7 @@ class Pipeline:
         for split in ("train", "val"):
             self.command("latents", [
                 sys.executable, "-m", "data_pipelines", "encode-latents", "--vae", str(self.checkpoint("vae_gan")),
+                "--text-encoder", str(self.checkpoint("clip")),
                 "--in", self.shards(split), "--out", str(self.stage_dir("latents")), "--prefix", split,
                 "--image-size", str(self.preset["image_size"]), "--batch-size", str(spec.get("batch_size", 64)),
                 f"--{posterior}",

@@ -34,6 +34,7 @@ from lightning_diffusion.diffusion.objectives import (
 from lightning_diffusion.diffusion.samplers import (
     ddim_sample, ddpm_sample, flow_euler_sample, flow_heun_sample, probability_flow_sample,
 )
+from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, stored_text_states
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
 from lightning_diffusion.errors import UserError
@@ -172,17 +173,22 @@ class Denoiser(LightningModule):
         return self.encode_images(batch["image"], sample)
 
     @torch.no_grad()
-    def text_condition(self, tokens: Tensor) -> Condition:
-        """Frozen text-encoder states, the encoder's mask of real (non-padding) tokens and the pooled embedding."""
+    def text_condition(self, tokens: Tensor, stored: tuple[Tensor, Tensor] | None = None) -> Condition:
+        """Frozen text-encoder states, the encoder's mask of real (non-padding) tokens and the pooled embedding;
+        ``stored`` (states, pooled) written by ``encode-latents --text-encoder`` replace the encoder's forward."""
         encoder = self._text_encoder.on(self.device)
         tokens = tokens.to(self.device)
-        states, pooled = encoder(tokens)
+        states, pooled = encoder(tokens) if stored is None else stored
+        if states.shape[:2] != tokens.shape:
+            raise UserError(f"stored text embeddings hold {states.shape[1]} tokens, the tokenizer gives "
+                            f"{tokens.shape[1]}: re-run encode-latents --text-encoder with model.clip_checkpoint")
         mask = encoder.token_mask(tokens).clone()
         mask[:, 0] = True  # an empty caption still attends to its first (start) token
         return {"context": states, "context_mask": mask, "pooled": pooled}
 
     def make_condition(self, captions: list[str] | None = None, labels: Tensor | None = None,
-                       lowres: Tensor | None = None, tokens: Tensor | None = None) -> Condition:
+                       lowres: Tensor | None = None, tokens: Tensor | None = None,
+                       stored_text: tuple[Tensor, Tensor] | None = None) -> Condition:
         """The U-Net condition for the model's kinds; each needed input must be given."""
         condition: Condition = {}
         if "text" in self.kinds:
@@ -190,7 +196,7 @@ class Denoiser(LightningModule):
                 if captions is None:
                     raise UserError("this denoiser is text-conditioned: give captions (prompts)")
                 tokens = self.tokenizer(list(captions))
-            condition.update(self.text_condition(tokens))
+            condition.update(self.text_condition(tokens, stored_text))
         if "class" in self.kinds:
             if labels is None:
                 raise UserError("this denoiser is class-conditioned: give labels (the batches need `label`)")
@@ -205,10 +211,28 @@ class Denoiser(LightningModule):
         return condition
 
     def batch_condition(self, batch: dict[str, Any]) -> Condition:
-        lowres = None
+        """The condition of a batch; text states stored in the shards (``text_emb``/``text_pooled``) are used as is."""
+        lowres = stored = None
         if "lowres" in self.kinds:
             lowres = downsample_for_lowres(batch["image"], self.hparams.lowres_size)
-        return self.make_condition(batch.get("caption"), batch.get("label"), lowres, batch.get("tokens"))
+        if "text" in self.kinds and "text_emb" in batch:
+            stored = stored_text_states(batch, self.null.null_token.shape[0], self.null.null_pooled.shape[0],
+                                        self.device)
+        return self.make_condition(batch.get("caption"), batch.get("label"), lowres, batch.get("tokens"), stored)
+
+    def setup(self, stage: str) -> None:
+        """Before fitting on pre-encoded shards, check they come from this model's frozen VAE-GAN / text encoder."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if stage != "fit" or not hasattr(data, "shard_urls"):
+            return
+        from data_pipelines.shard_writer import sha256_file
+
+        hp = self.hparams
+        check_pre_encoded(data.shard_urls("train") + data.shard_urls("val"), data.tensor_keys,
+                          latent_shape=self.sample_shape if self._vae is not None else None,
+                          vae_checkpoint=hp.vae_checkpoint if self._vae is not None else None,
+                          clip_checkpoint=hp.clip_checkpoint,
+                          text_encoder=hp.text_encoder if "text" in self.kinds else None, sha256=sha256_file)
 
     # ---------------------------------------------------------------- training
     def drop_mask(self, batch_size: int, batch_idx: int) -> Tensor:
