@@ -161,7 +161,7 @@ def write_result(name: str, args: argparse.Namespace, result: dict[str, Any], *,
     """Write `results/<name>.json` (or `results/quick/`, or --out) and print a one-line summary."""
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS) / f"{name}.json"
     argv = sys.argv[1:]
-    record = {"benchmark": name, "command": " ".join(["python", f"benchmarks/{name}.py", *argv]),
+    record = {"benchmark": name, "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *argv]),
               "quick": bool(args.quick), "repeats": args.repeats, **result,
               "ratio": round(ratio, 3), "ratio_definition": ratio_definition, "target": target,
               "passed": meets(ratio, target), **environment(packages, device)}

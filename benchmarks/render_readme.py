@@ -25,7 +25,10 @@ BENCHMARKS = [  # (file, what is compared)
     ("lightning_overhead", "P1: Lightning `fit` of the denoiser vs a hand-written loop (seconds/step)"),
     ("unet_vs_diffusers", "P2: our U-Net training step vs diffusers' `UNet2DConditionModel`, matched size"),
     ("data_throughput", "P3: `ShardDataModule` vs a raw PIL decode loop (samples/s)"),
-    ("latents_vs_on_the_fly", "P4: denoiser epoch on pre-encoded latents vs encoding images on the fly"),
+    ("latents_vs_on_the_fly", "P4: denoiser epoch on pre-encoded latents + text vs encoding on the fly (quickstart's "
+                              "32 px models)"),
+    ("latents_vs_on_the_fly_ldm", "P4 at the GPU presets' sizes: kl-f8 VAE-GAN at 256 px, ViT-B-32 text tower, "
+                                  "166M-parameter `ldm_base` U-Net"),
     ("sampler_quality", "P5: best Fréchet distance with <= 25 network evaluations vs DDPM-1000"),
     ("cfg_batched", "P6: classifier-free guidance in one batched forward vs two forwards"),
 ]
