@@ -80,7 +80,7 @@ def test_last_checkpoint_holds_the_final_step_when_the_last_validation_is_not_th
     assert cli_value([]) == "[]" and cli_value("a b") == "a b" and cli_value(True) == "true"
 
 
-def test_stages_are_marked_done_only_when_they_succeed_and_force_reruns_the_rest(tmp_path: Path) -> None:
+def test_stages_are_marked_done_only_when_they_succeed_and_reruns_carry_downstream(tmp_path: Path) -> None:
     pipeline = Pipeline(load_preset("smoke"), tmp_path / "out", tmp_path / "data")
     runs: list[str] = []
 
@@ -108,6 +108,18 @@ def test_stages_are_marked_done_only_when_they_succeed_and_force_reruns_the_rest
     forced.stage("clip", outputs("clip"), body("clip"))
     forced.stage("latents", outputs("latents"), body("latents"))
     assert runs == ["clip", "latents", "latents", "latents"]
+
+    # an unfinished upstream stage that runs again makes the finished stages after it stale: they rerun too
+    (pipeline.stage_dir("clip") / "done.json").unlink()
+    again = Pipeline(pipeline.preset, pipeline.out, pipeline.data_dir)
+    again.stage("vae_gan", outputs("vae_gan"), body("vae_gan"))
+    again.stage("clip", outputs("clip"), body("clip"))
+    again.stage("latents", outputs("latents"), body("latents"))
+    assert runs == ["clip", "latents", "latents", "latents", "vae_gan", "clip", "latents"]
+    again = Pipeline(pipeline.preset, pipeline.out, pipeline.data_dir)
+    for stage in ("vae_gan", "clip", "latents"):
+        again.stage(stage, outputs(stage), body(stage))
+    assert runs[-1] == "latents" and len(runs) == 7  # all finished and nothing upstream reran: all skipped
 
 
 def test_a_failing_fit_stage_names_its_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

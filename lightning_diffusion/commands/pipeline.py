@@ -2,7 +2,7 @@
 
 Stages, in order: `data` (build the emoji shards when their manifest is missing), `vae_gan`, `clip` (each the plain
 `python -m lightning_diffusion fit --config <stage config> <overrides>` in a subprocess), `latents`
-(`python -m data_pipelines encode-latents` for the train and val shards), `denoiser` (fit on the latent shards, the
+(`python -m data_pipelines encode-latents --text-encoder` for the train and val shards), `denoiser` (fit on the latent shards, the
 frozen VAE-GAN and CLIP text tower passed by `--model.init_args.*_checkpoint`), `evaluate` (the `evaluate` command
 on both checkpoints) and `report` (metrics JSON + markdown, grids, curves; `lightning_diffusion.quickstart_report`).
 
@@ -10,7 +10,8 @@ A preset is a YAML file in `configs/pipeline/` (`extends:` another one and overr
 their dotted overrides and the settings of the other stages. Each stage writes into `<out>/<stage>/`, logs its
 subprocess output to `log.txt` and its command lines to `command.txt` (to rerun one alone), and is finished when
 its outputs and `done.json` exist; a finished stage is skipped, an unfinished one is started again from scratch
-(its folder is cleared first). `--force STAGE` reruns that stage and every stage after it.
+(its folder is cleared first), and a stage that runs makes every later one run again (their inputs changed).
+`--force STAGE` reruns that stage and every stage after it.
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ class Pipeline:
         if missing:
             raise StageFailed(f"stage {stage} ended without writing {', '.join(missing)}; see {folder / 'log.txt'}")
         self.seconds[stage] = round(time.perf_counter() - started, 1)
+        # every later stage consumed the old outputs of this one (checkpoints, latents, shards): rerun them too
+        later = STAGES.index(stage) + 1
+        self.forced_from = later if self.forced_from is None else min(self.forced_from, later)
         done = {"stage": stage, "seconds": self.seconds[stage], "outputs": [str(p) for p in outputs]}
         tmp = folder / (DONE + ".tmp")
         tmp.write_text(json.dumps(done, indent=2) + "\n")
