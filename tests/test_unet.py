@@ -146,3 +146,51 @@ def test_sinusoidal_embedding_closed_form() -> None:
     emb = sinusoidal_embedding(t, 8)
     freqs = 10_000.0 ** (-torch.arange(4) / 4)
     torch.testing.assert_close(emb, torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1))
+
+
+def test_film_with_group_norm_affine_matches_the_unfused_formula() -> None:
+    block = randomized(tiny_unet()).down[0][0]
+    with torch.no_grad():
+        block.norm2.weight.normal_()
+        block.norm2.bias.normal_()
+    x, emb = torch.randn(2, 16, 16, 16), torch.randn(2, 64)
+    h = block.conv1(torch.nn.functional.silu(block.norm1(x)))
+    scale, shift = block.embed(torch.nn.functional.silu(emb))[:, :, None, None].chunk(2, dim=1)
+    h = block.norm2(h) * (1 + scale) + shift
+    expected = x + block.conv2(torch.nn.functional.silu(h))
+    torch.testing.assert_close(block(x, emb), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_feed_forward_option_adds_zero_initialised_geglu_blocks() -> None:
+    plain, with_ff = tiny_unet(), tiny_unet(feed_forward=True)
+    ff_keys = set(with_ff.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) < set(with_ff.state_dict()) and all(".feed_forward." in k for k in ff_keys)
+    # one feed-forward per attention block (down at 8 px, middle, up at 8 px x 2), each 3 m C^2 + (2 m + 3) C, m = 4
+    widths = [32, 32, 32, 32]
+    extra = sum(p.numel() for p in with_ff.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == sum(12 * c * c + 11 * c for c in widths)
+    out = run(with_ff, inputs())
+    assert out.shape == (3, 3, 16, 16) and torch.equal(out, torch.zeros_like(out))
+    block = with_ff.middle[1]
+    x = torch.randn(2, 32, 8, 8)
+    context = torch.randn(2, 7, CONTEXT_DIM)
+    torch.testing.assert_close(block(x, context), x)  # fresh: every sublayer's output projection is zero
+    randomized(with_ff)
+    assert not torch.allclose(block.feed_forward(x), x)  # trained, the feed-forward changes the features
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients() -> None:
+    plain = randomized(tiny_unet()).train()
+    nhwc = tiny_unet(channels_last=True).train()
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    grads, outs = [], []
+    for unet in (plain, nhwc):
+        kwargs = dict(inputs())
+        out = unet(kwargs.pop("x"), kwargs.pop("t"), **kwargs)
+        assert out.is_contiguous()
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

@@ -1,4 +1,5 @@
-"""Self-attention over feature-map positions and cross-attention to text tokens, both via ``scaled_dot_product_attention``.
+"""Self-attention over feature-map positions and cross-attention to text tokens, both via ``scaled_dot_product_attention``,
+optionally followed by a GEGLU feed-forward (the third sublayer of Stable Diffusion's transformer block).
 
 The output projection of each branch starts at zero, so a new attention block is the identity (Zhang et al.'s
 Fixup idea, used by ADM and Stable Diffusion).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,18 +78,43 @@ class CrossAttention(nn.Module):
         return x + self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
 
 
-class AttentionBlock(nn.Module):
-    """Self-attention, then (for text-conditioned models) cross-attention to the text tokens."""
+class FeedForward(nn.Module):
+    """Per-position GEGLU MLP (Shazeer 2020; LDM's ``SpatialTransformer``): LayerNorm, ``C -> 2 * mult * C``, the
+    GELU of one half gating the other, ``mult * C -> C`` (zero-initialised), residual. Adds ``3 mult C^2 +
+    (2 mult + 3) C`` parameters."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int | None) -> None:
+    def __init__(self, channels: int, mult: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.proj_in = nn.Linear(channels, 2 * mult * channels)
+        self.proj_out = zero_module(nn.Linear(mult * channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        value, gate = self.proj_in(self.norm(x.flatten(2).transpose(1, 2))).chunk(2, dim=-1)
+        return x + self.proj_out(value * F.gelu(gate)).transpose(1, 2).reshape(b, c, h, w)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention, then (for text-conditioned models) cross-attention to the text tokens, then (optionally) a
+    feed-forward."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int | None, feed_forward: bool = False) -> None:
         super().__init__()
         self.self_attention = SelfAttention(channels, heads)
         self.cross_attention = CrossAttention(channels, context_dim, heads) if context_dim else None
+        self.feed_forward = FeedForward(channels) if feed_forward else None  # None: no state-dict keys
 
     def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+        # The sublayers work on [B, HW, C] tokens, which in channels_last memory are free views of the feature map:
+        # one layout change here instead of a transposing copy into and out of every sublayer.
+        restore = not x.is_contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.self_attention(x)
         if self.cross_attention is not None:
             if context is None:
                 raise ValueError("this U-Net cross-attends to text: pass `context` (and `context_mask`)")
             x = self.cross_attention(x, context, context_mask)
-        return x
+        if self.feed_forward is not None:
+            x = self.feed_forward(x)
+        return x.contiguous() if restore else x

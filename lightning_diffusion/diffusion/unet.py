@@ -41,7 +41,11 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.embed(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        # norm2's affine folded into the per-sample FiLM: two passes over the feature map instead of three
+        weight, bias = self.norm2.weight[:, None, None], self.norm2.bias[:, None, None]
+        scale = 1 + scale
+        normalized = F.group_norm(h, self.norm2.num_groups, eps=self.norm2.eps)
+        h = torch.addcmul(torch.addcmul(shift, bias, scale), normalized, weight * scale)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -88,6 +92,11 @@ class UNet(nn.Module):
     ``attention_resolutions`` are feature-map sizes (with ``image_size`` the input's size), e.g. ``(16, 8)`` for
     a 32 px input: attention after the first downsampling and the second. The conditioning inputs a model was built
     for are required in :meth:`forward`; the others must stay ``None``.
+
+    Opt-in (the defaults keep existing checkpoints loadable): ``feed_forward`` ends every attention block with a
+    GEGLU feed-forward, the layout of Stable Diffusion's transformer blocks; ``channels_last`` keeps weights and
+    activations in NHWC memory (on a 2-core AVX-512 CPU a training step ran ~3.5 % faster at base width 72, not
+    faster at 64: measure on yours, benchmarks/unet_vs_diffusers.py).
     """
 
     def __init__(
@@ -107,12 +116,15 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         lowres_channels: int = 0,
         gradient_checkpointing: bool = False,
+        feed_forward: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.image_size = image_size
         self.num_classes = num_classes
         self.lowres_channels = lowres_channels
         self.gradient_checkpointing = gradient_checkpointing
+        self.channels_last = channels_last
         out_channels = out_channels or in_channels
         embed_dim = 4 * base_channels
 
@@ -121,7 +133,7 @@ class UNet(nn.Module):
         self.pooled_embed = nn.Linear(pooled_dim, embed_dim) if pooled_dim else None
 
         def attention(channels: int) -> AttentionBlock:
-            return AttentionBlock(channels, num_heads, context_dim)
+            return AttentionBlock(channels, num_heads, context_dim, feed_forward)
 
         self.input_conv = nn.Conv2d(in_channels + lowres_channels, base_channels, 3, padding=1)
         skip_channels = [base_channels]
@@ -160,6 +172,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             group_norm(channels), nn.SiLU(), zero_module(nn.Conv2d(channels, out_channels, 3, padding=1))
         )
+        if channels_last:  # conv weights NHWC; `.to(device)` and `load_state_dict` keep the layout
+            self.to(memory_format=torch.channels_last)
 
     def _run(self, stage: Stage, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -194,6 +208,8 @@ class UNet(nn.Module):
             lowres = F.interpolate(lowres.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, lowres], dim=1)
 
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.input_conv(x)
         skips = [h]
         for stage in self.down:
@@ -202,4 +218,4 @@ class UNet(nn.Module):
         h = self._run(self.middle, h, emb, context, context_mask)
         for stage in self.up:
             h = self._run(stage, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-        return self.out(h)
+        return self.out(h).contiguous()  # the usual layout for the caller, whichever one ran inside
