@@ -31,7 +31,8 @@ from common import (
     StepClock, add_common_arguments, alternate, clock_callback, finish_arguments, median, resolve_device, write_result,
 )
 
-from lightning_diffusion.diffusion.module import Denoiser, uncond_drop_mask
+from lightning_diffusion.diffusion.conditioning import uncond_drop_mask
+from lightning_diffusion.diffusion.module import Denoiser
 from lightning_diffusion.errors import UserError
 
 FULL = dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16, 8),

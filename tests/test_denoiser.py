@@ -12,7 +12,8 @@ from denoiser_support import (
 )
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 
-from lightning_diffusion.diffusion.module import Denoiser, uncond_drop_mask
+from lightning_diffusion.diffusion.conditioning import uncond_drop_mask
+from lightning_diffusion.diffusion.module import Denoiser
 from lightning_diffusion.errors import UserError
 
 
@@ -35,11 +36,15 @@ def fixed_loss(model: Denoiser, batch: dict) -> float:
     return torch.stack(losses).mean().item()
 
 
-@pytest.mark.parametrize(("objective", "conditioning"), [("eps", "text"), ("v", "class"), ("flow", "none")])
-def test_training_steps_decrease_the_loss(tmp_path: Path, objective: str, conditioning: str) -> None:
+@pytest.mark.parametrize(("objective", "conditioning", "layout"), [
+    ("eps", "text", {}), ("v", "class", {}), ("flow", "none", {}),
+    ("v", "text", {"feed_forward": True, "channels_last": True}),  # the U-Net's opt-in layout, through the Denoiser
+])
+def test_training_steps_decrease_the_loss(tmp_path: Path, objective: str, conditioning: str, layout: dict) -> None:
     torch.manual_seed(0)
     model = Denoiser(**TINY_UNET, objective=objective, conditioning=conditioning, num_classes=3, val_labels=(0, 1), lr=2e-3,
-                     ema_decay=None, val_sampler="euler" if objective == "flow" else "ddim", p_uncond=0.1)
+                     ema_decay=None, val_sampler="euler" if objective == "flow" else "ddim", p_uncond=0.1, **layout)
+    assert any("feed_forward" in key for key in model.state_dict()) == bool(layout)
     batch = fixed_batch()
     before = fixed_loss(model, batch)
     model.train()

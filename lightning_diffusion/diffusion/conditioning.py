@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,3 +78,11 @@ class NullCondition(nn.Module):
             where = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
             dropped[key] = torch.where(where, null[key], value)
         return dropped
+
+
+def uncond_drop_mask(batch_size: int, p_uncond: float, seed: int, step: int, batch_idx: int, rank: int) -> Tensor:
+    """Bernoulli(``p_uncond``) drops of the condition, seeded by (seed, step, batch_idx, rank): a rerun or resumed
+    run drops the same samples, every rank follows the same rule, and ranks (holding different data) draw apart."""
+    key = [seed, step, batch_idx, rank]
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+    return torch.rand(batch_size, generator=generator) < p_uncond

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from lightning_diffusion.diffusion.arguments import check_arguments, check_sampling
 from lightning_diffusion.diffusion.conditioning import (
-    Condition, Conditioning, NullCondition, condition_kinds, downsample_for_lowres, is_guidable,
+    Condition, Conditioning, NullCondition, condition_kinds, downsample_for_lowres, is_guidable, uncond_drop_mask,
 )
 from lightning_diffusion.diffusion.frozen import Frozen, load_text_encoder, load_vae
 from lightning_diffusion.diffusion.grids import image_grid, log_grid, save_png
@@ -46,14 +45,6 @@ Objective = Literal["eps", "v", "x0", "flow"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
 DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of fox", "a flat vector emoji of fox")  # val-split concepts
 DEFAULT_TRAIN_PROMPTS = ("a 3D rendered emoji of red apple", "a flat vector emoji of red apple")
-
-
-def uncond_drop_mask(batch_size: int, p_uncond: float, seed: int, step: int, batch_idx: int, rank: int) -> Tensor:
-    """Bernoulli(``p_uncond``) drops of the condition, seeded by (seed, step, batch_idx, rank): a rerun or resumed
-    run drops the same samples, every rank follows the same rule, and ranks (holding different data) draw apart."""
-    key = [seed, step, batch_idx, rank]
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-    return torch.rand(batch_size, generator=generator) < p_uncond
 
 
 class Denoiser(LightningModule):
@@ -82,6 +73,8 @@ class Denoiser(LightningModule):
         num_heads: int = 4,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        feed_forward: bool = False,
+        channels_last: bool = False,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -128,6 +121,7 @@ class Denoiser(LightningModule):
             num_heads=num_heads, dropout=dropout, context_dim=text_width, pooled_dim=pooled_dim,
             num_classes=num_classes if "class" in self.kinds else None,
             lowres_channels=3 if "lowres" in self.kinds else 0, gradient_checkpointing=gradient_checkpointing,
+            feed_forward=feed_forward, channels_last=channels_last,
         )
         self.null = NullCondition(conditioning, text_width, pooled_dim, num_classes)
         self._grid_step: int | None = None
