@@ -258,3 +258,13 @@ def test_fit_through_the_shard_datamodule_uses_its_tokens(tmp_path) -> None:
     fit.fit(Recording(warmup_steps=1), datamodule=data)
     assert seen == [True, True]
     assert fit.callback_metrics["val/samples"].item() == 8
+
+
+def test_reloading_an_architecture_does_not_log_random_initialisation(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        build_clip_model("ld-tiny-vit")  # from scratch: open_clip's notice is true here and stays
+    assert any("initialized randomly" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_clip_model("ld-tiny-vit", load_tower_weights=False)  # a checkpoint's weights follow
+    assert not any("initialized randomly" in record.getMessage() for record in caplog.records)

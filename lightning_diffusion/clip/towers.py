@@ -16,9 +16,12 @@ checkpoint's hyper-parameters with `load_tower_weights=False` and then loads the
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -137,6 +140,25 @@ def load_efficientnet_trunk(model: nn.Module, weights_path: str | None) -> None:
     model.visual.trunk.load_state_dict(state, strict=True)
 
 
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _architecture_only(quiet: bool) -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while building an architecture
+    that a checkpoint's weights fill right after: a false alarm in the log of every reload (e.g. the denoiser's
+    frozen text tower)."""
+    notice = _DropRandomInitNotice()
+    if quiet:
+        logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def build_clip_model(
     model_name: str,
     *,
@@ -166,11 +188,12 @@ def build_clip_model(
             tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)  # architecture flags only (quick_gelu)
         preprocess = {key: tag_cfg[key] for key in ("mean", "std") if key in tag_cfg}
         try:
-            return open_clip.create_model(
-                model_name, pretrained=checkpoint, force_image_size=image_size,
-                force_context_length=context_length, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-                force_preprocess_cfg=preprocess or None, cache_dir=cache_dir, **logits,
-            )
+            with _architecture_only(quiet=not load_tower_weights):
+                return open_clip.create_model(
+                    model_name, pretrained=checkpoint, force_image_size=image_size,
+                    force_context_length=context_length, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                    force_preprocess_cfg=preprocess or None, cache_dir=cache_dir, **logits,
+                )
         except pickle.UnpicklingError as err:  # open_clip loads with weights_only=True
             raise refused(checkpoint, "open_clip weights", "model.pretrained", err) from err
         except RuntimeError as err:
