@@ -173,7 +173,7 @@ class Denoiser(LightningModule):
         encoder = self._text_encoder.on(self.device)
         tokens = tokens.to(self.device)
         states, pooled = encoder(tokens) if stored is None else stored
-        if states.shape[:2] != tokens.shape:
+        if stored is not None and states.shape[:2] != tokens.shape:
             raise UserError(f"stored text embeddings hold {states.shape[1]} tokens, the tokenizer gives "
                             f"{tokens.shape[1]}: re-run encode-latents --text-encoder with model.clip_checkpoint")
         mask = encoder.token_mask(tokens).clone()
