@@ -5,7 +5,7 @@ denoiser (same seed) with `Trainer.fit` through `ShardDataModule`, the same batc
 
 - on the fly: the image shards (PNG decode + resize in the workers), `Denoiser.batch_x0` encoding every batch with
   the VAE-GAN, the CLIP text tower encoding every caption;
-- pre-encoded: the shards `python -m data_pipelines encode-latents --text-encoder` wrote from the same images
+- pre-encoded: the shards `python -m lightning_diffusion encode-latents --text-encoder` wrote from the same images
   with the same models (`tensor_keys: [latent.npy, text_emb.npy, text_pooled.npy]`, as the quickstart's denoiser
   stage reads them). The one-off encoding time is reported too.
 
@@ -109,7 +109,7 @@ def tiny_vae(path: Path, image_size: int, steps: int, device: torch.device) -> N
 def encode_latents(vae: str, clip: str | None, shards: str, out: Path, image_size: int, workers: int,
                    device: torch.device, threads: int) -> float:
     """Run the documented command (with the benchmark's torch threads); returns its wall-clock seconds."""
-    command = [sys.executable, "-m", "data_pipelines", "encode-latents", "--vae", vae, "--in", shards,
+    command = [sys.executable, "-m", "lightning_diffusion", "encode-latents", "--vae", vae, "--in", shards,
                "--out", str(out), "--image-size", str(image_size), "--num-workers", str(workers),
                "--device", str(device), "--batch-size", "8"]
     command += ["--text-encoder", clip] if clip else []

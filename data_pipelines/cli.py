@@ -23,8 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "write webdataset shards from a folder of images with .txt captions, or a CSV/JSONL manifest",
     ),
     "encode-latents": (
-        "data_pipelines.encode_latents",
-        "encode image shards into latent shards with a frozen VAE",
+        "lightning_diffusion.commands.encode_latents",
+        "alias of `python -m lightning_diffusion encode-latents` (loaded only when called)",
     ),
 }
 

@@ -30,6 +30,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("lightning_diffusion.commands.evaluate", "score a checkpoint (FID/KID/LPIPS/CLIP score), print a table, write JSON"),
     "compare": ("lightning_diffusion.commands.compare", "compare local runs: final/best metrics, differing hyper-parameters, plots"),
     "sweep": ("lightning_diffusion.commands.sweep", "expand a sweep file into a SLURM job array (--dry-run or --submit)"),
+    "encode-latents": ("lightning_diffusion.commands.encode_latents", "encode image shards into latent (and text) shards with frozen encoders"),
     "pipeline": ("lightning_diffusion.commands.pipeline", "run the three-stage quickstart: VAE-GAN, CLIP, latents, denoiser, report"),
 }
 
@@ -137,7 +138,7 @@ def run_lightning(args: list[str]) -> None:
             try:
                 super()._parse_ckpt_path()
             except pickle.UnpicklingError as err:
-                from lightning_diffusion.checkpoints import refused
+                from lightning_diffusion.training.checkpoints import refused
 
                 path = self.config[self.config.subcommand].get("ckpt_path")
                 raise refused(path, "checkpoint", "ckpt_path", err) from err
@@ -146,8 +147,8 @@ def run_lightning(args: list[str]) -> None:
             """Log the resolved config to W&B (hyperparameters + config.yaml) and pin the run id on resume."""
             import yaml
 
-            from lightning_diffusion.resume import auto_resume_path
-            from lightning_diffusion.tracking import prepare_loggers
+            from lightning_diffusion.training.resume import auto_resume_path
+            from lightning_diffusion.training.tracking import prepare_loggers
 
             config = self.config[self.subcommand]
             if config.get("ckpt_path") is None and (resume := auto_resume_path(self.trainer)) is not None:
@@ -194,7 +195,7 @@ def _find_user_error(err: BaseException) -> UserError | None:
 
 def _trainer_defaults() -> dict[str, Any]:
     """Defaults every run gets unless its config says otherwise (W&B, offline unless configured)."""
-    from lightning_diffusion.tracking import default_logger_config
+    from lightning_diffusion.training.tracking import default_logger_config
 
     return {"precision": "32-true", "logger": default_logger_config()}
 

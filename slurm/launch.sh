@@ -31,7 +31,7 @@ export MASTER_ADDR MASTER_PORT
 
 # Resume: Lightning restores the newest hpc_ckpt_*.ckpt in default_root_dir by itself; the helper adds
 # `--ckpt_path last*.ckpt` only when such a checkpoint is newer (a crash without the requeue signal).
-mapfile -d '' RESUME_ARGS < <(python -m lightning_diffusion.slurm_job resume-args "$RUN_DIR")
+mapfile -d '' RESUME_ARGS < <(python -m lightning_diffusion.training.slurm_job resume-args "$RUN_DIR")
 
 CONFIG_ARGS=()
 for config in $CONFIG; do CONFIG_ARGS+=(--config "$config"); done
@@ -45,7 +45,7 @@ echo "[launch] job ${job_key} restart ${SLURM_RESTART_COUNT:-0}: run ${RUN_ID}, 
 # saved by all ranks at a step boundary, then `scontrol requeue` (Lightning's in-handler save can hang DDP).
 srun --kill-on-bad-exit=1 python -m lightning_diffusion fit \
   "${CONFIG_ARGS[@]}" \
-  --trainer.callbacks+=lightning_diffusion.slurm_requeue.RequeueOnSignal \
+  --trainer.callbacks+=lightning_diffusion.training.slurm_requeue.RequeueOnSignal \
   --trainer.default_root_dir "$RUN_DIR" \
   --trainer.num_nodes "$SLURM_JOB_NUM_NODES" \
   --trainer.devices "$SLURM_NTASKS_PER_NODE" \

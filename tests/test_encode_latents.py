@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_pipelines.cli import main
 from data_pipelines.datamodule import ShardDataModule
-from data_pipelines.encode_latents import sample_noise
+from lightning_diffusion.commands.encode_latents import sample_noise
 from data_pipelines.shard_writer import ShardWriter, write_manifest
 from denoiser_support import TINY_UNET, trainer, use_toy_text_encoder
 

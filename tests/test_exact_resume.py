@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from data_pipelines import ShardDataModule
-from lightning_diffusion.resume import AtomicCheckpointIO, ResumeCheckpoint, atomic_save, prune, step_checkpoints
+from lightning_diffusion.training.resume import AtomicCheckpointIO, ResumeCheckpoint, atomic_save, prune, step_checkpoints
 
 from test_datamodule import write_shards
 
@@ -37,7 +37,7 @@ def fit_config(tmp_path: Path, num_workers: int) -> Path:
             "default_root_dir": str(tmp_path / "run"),
             "callbacks": [
                 {"class_path": "resume_support.RecordAndKill"},
-                {"class_path": "lightning_diffusion.resume.ResumeCheckpoint",
+                {"class_path": "lightning_diffusion.training.resume.ResumeCheckpoint",
                  "init_args": {"every_n_train_steps": 3, "keep_last": 2}},
             ],
         },
@@ -231,7 +231,7 @@ def test_crash_mid_write_leaves_the_previous_checkpoint_whole(tmp_path: Path, mo
 def test_sigkill_mid_write_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
     atomic_save({"weights": torch.arange(4)}, path)
-    script = ("import os, signal, torch; from lightning_diffusion.resume import atomic_save\n"
+    script = ("import os, signal, torch; from lightning_diffusion.training.resume import atomic_save\n"
               "def dies(obj, file):\n    file.write(b'half'); file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
               f"torch.save = dies; atomic_save({{'weights': torch.zeros(4)}}, {str(path)!r})\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
@@ -262,7 +262,7 @@ def test_auto_resume_picks_the_newest_step_file_unless_a_slurm_checkpoint_is_new
     import lightning as L
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from lightning_diffusion.resume import auto_resume_path
+    from lightning_diffusion.training.resume import auto_resume_path
 
     def trainer(**options: object) -> L.Trainer:
         return L.Trainer(default_root_dir=tmp_path, callbacks=[ResumeCheckpoint(**options)], logger=False,

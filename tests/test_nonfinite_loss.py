@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from lightning_diffusion.cli import main
 from lightning_diffusion.errors import UserError
-from lightning_diffusion.nonfinite import NonFiniteLossError
+from lightning_diffusion.training.nonfinite import NonFiniteLossError
 
 STAGES = ("vae", "clip", "denoiser")
 

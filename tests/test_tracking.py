@@ -13,8 +13,8 @@ from lightning.pytorch import LightningModule
 from PIL import Image
 
 from lightning_diffusion.cli import main
-from lightning_diffusion.run_logs import RunLog, find_runs
-from lightning_diffusion.tracking import default_mode, log_image_grid, stable_run_id, to_uint8_grid
+from lightning_diffusion.training.run_logs import RunLog, find_runs
+from lightning_diffusion.training.tracking import default_mode, log_image_grid, stable_run_id, to_uint8_grid
 
 BORING_DATA = "lightning.pytorch.demos.boring_classes.BoringDataModule"
 

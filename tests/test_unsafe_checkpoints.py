@@ -123,7 +123,7 @@ def _load_frozen(loader: str) -> Callable[[Path, Path], object]:
 
 def _plain(function: str) -> Callable[[Path, Path], object]:
     def load(path: Path, tmp: Path) -> object:
-        from lightning_diffusion.checkpoints import check_checkpoint, load_checkpoint
+        from lightning_diffusion.training.checkpoints import check_checkpoint, load_checkpoint
         from lightning_diffusion.metrics.encoders import InceptionV3Encoder
         from lightning_diffusion.pretrained.efficientnet import load_efficientnet_lite0
 

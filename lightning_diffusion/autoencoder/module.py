@@ -41,8 +41,8 @@ from lightning_diffusion.autoencoder.networks import Decoder, Encoder
 from lightning_diffusion.autoencoder.perceptual import PerceptualName, check_perceptual, log_name, make_perceptual
 from lightning_diffusion.autoencoder.validation import ReconstructionMetrics
 from lightning_diffusion.errors import UserError, check_positive
-from lightning_diffusion.nonfinite import NonFiniteLossError  # noqa: F401 - re-exported (raised by training_step)
-from lightning_diffusion.nonfinite import NonFiniteGuard, NonFiniteMode, check_finite_weights
+from lightning_diffusion.training.nonfinite import NonFiniteLossError  # noqa: F401 - re-exported (raised by training_step)
+from lightning_diffusion.training.nonfinite import NonFiniteGuard, NonFiniteMode, check_finite_weights
 
 
 def _check_sizes(args: dict[str, Any]) -> None:
@@ -164,7 +164,7 @@ class VAEGAN(LightningModule):
     @classmethod
     def load_frozen(cls, path: str | Path) -> "VAEGAN":
         """The autoencoder of a checkpoint, in eval mode with gradients off (weights_only loading)."""
-        from lightning_diffusion.checkpoints import load_checkpoint
+        from lightning_diffusion.training.checkpoints import load_checkpoint
 
         checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key="model.vae_checkpoint")
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}

@@ -16,7 +16,7 @@ from open_clip.model import CustomTextCLIP
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import load_checkpoint
 from lightning_diffusion.clip.model_configs import model_config
 from lightning_diffusion.clip.towers import (
     ARCH_KEYS,

@@ -28,7 +28,7 @@ from lightning_diffusion.clip.towers import (
     lock_towers,
 )
 from lightning_diffusion.errors import UserError, check_positive
-from lightning_diffusion.nonfinite import (
+from lightning_diffusion.training.nonfinite import (
     NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
 )
 

@@ -30,7 +30,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from torch import nn
 
-from lightning_diffusion.checkpoints import refused
+from lightning_diffusion.training.checkpoints import refused
 from lightning_diffusion.clip.model_configs import model_config, register_project_configs
 from lightning_diffusion.errors import UserError
 from lightning_diffusion.pretrained.efficientnet import ARCHITECTURE as EFFICIENTNET_ARCHITECTURE

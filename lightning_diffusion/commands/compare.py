@@ -1,6 +1,6 @@
 """`compare RUN_DIR... | --group NAME [--root runs]`: final/best metrics, differing hyper-parameters, plots.
 
-Reads local runs only (offline W&B runs and Lightning CSV logs, see `lightning_diffusion.run_logs`), so it works
+Reads local runs only (offline W&B runs and Lightning CSV logs, see `lightning_diffusion.training.run_logs`), so it works
 on a cluster without internet and on runs still in progress. Writes `summary.json`, `table.txt` and PNGs:
 one curve plot per metric (all runs), and one plot of each metric's final value against each swept
 hyper-parameter.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_diffusion.errors import UserError
-from lightning_diffusion.run_logs import RunLog, find_runs
+from lightning_diffusion.training.run_logs import RunLog, find_runs
 
 # Differ between runs by construction, so they are never "the swept hyper-parameter".
 _BOOKKEEPING = re.compile(

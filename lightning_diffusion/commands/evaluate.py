@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import load_checkpoint
 from lightning_diffusion.errors import UserError
 
 METRIC_CHOICES = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim", "clip_score")

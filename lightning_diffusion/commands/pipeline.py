@@ -2,9 +2,9 @@
 
 Stages, in order: `data` (build the emoji shards when their manifest is missing), `vae_gan`, `clip` (each the plain
 `python -m lightning_diffusion fit --config <stage config> <overrides>` in a subprocess), `latents`
-(`python -m data_pipelines encode-latents --text-encoder` for the train and val shards), `denoiser` (fit on the latent shards, the
+(`python -m lightning_diffusion encode-latents --text-encoder` for the train and val shards), `denoiser` (fit on the latent shards, the
 frozen VAE-GAN and CLIP text tower passed by `--model.init_args.*_checkpoint`), `evaluate` (the `evaluate` command
-on both checkpoints) and `report` (metrics JSON + markdown, grids, curves; `lightning_diffusion.quickstart_report`).
+on both checkpoints) and `report` (metrics JSON + markdown, grids, curves; `lightning_diffusion.commands.quickstart_report`).
 
 A preset is a YAML file in `configs/pipeline/` (`extends:` another one and overrides its keys): the stage configs,
 their dotted overrides and the settings of the other stages. Each stage writes into `<out>/<stage>/`, logs its
@@ -253,7 +253,7 @@ class Pipeline:
         loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": str(self.stage_dir(stage)), "name": "csv", "version": 0}}]
         if os.environ.get("WANDB_MODE", "").lower() != "disabled":
-            loggers.insert(0, {"class_path": "lightning_diffusion.tracking.ProjectWandbLogger",
+            loggers.insert(0, {"class_path": "lightning_diffusion.training.tracking.ProjectWandbLogger",
                                "init_args": {"project": "lightning_diffusion", "group": self.out.name, "name": stage}})
         return loggers
 
@@ -265,7 +265,7 @@ class Pipeline:
 
     # --------------------------------------------------------------------------------------------- the chain
     def run(self) -> None:
-        from lightning_diffusion.quickstart_report import pick_prompts, write_report
+        from lightning_diffusion.commands.quickstart_report import pick_prompts, write_report
 
         size = self.preset["image_size"]
         self.build_data()
@@ -320,7 +320,7 @@ class Pipeline:
             raise UserError(f"stages.latents.posterior must be mode or sample, got {posterior!r}")
         for split in ("train", "val"):
             self.command("latents", [
-                sys.executable, "-m", "data_pipelines", "encode-latents", "--vae", str(self.checkpoint("vae_gan")),
+                sys.executable, "-m", "lightning_diffusion", "encode-latents", "--vae", str(self.checkpoint("vae_gan")),
                 "--text-encoder", str(self.checkpoint("clip")),
                 "--in", self.shards(split), "--out", str(self.stage_dir("latents")), "--prefix", split,
                 "--image-size", str(self.preset["image_size"]), "--batch-size", str(spec.get("batch_size", 64)),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import load_checkpoint
 from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
 from lightning_diffusion.diffusion.arguments import check_sampling

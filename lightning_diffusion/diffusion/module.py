@@ -37,7 +37,7 @@ from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, stored_
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
 from lightning_diffusion.errors import UserError
-from lightning_diffusion.nonfinite import (
+from lightning_diffusion.training.nonfinite import (
     NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
 )
 

@@ -77,7 +77,7 @@ def check_pre_encoded(urls: Sequence[str], tensor_keys: Sequence[str], *, latent
             warnings.warn(f"{folder} has no encode-latents record in manifest.json: cannot check that its "
                           "pre-encoded entries come from this denoiser's VAE-GAN / text encoder", stacklevel=2)
             continue
-        fix = f"re-run python -m data_pipelines encode-latents into {folder}"
+        fix = f"re-run python -m lightning_diffusion encode-latents into {folder}"
         if uses_latents:
             if vae_checkpoint and record.get("vae_sha256") != digest(vae_checkpoint):
                 raise UserError(f"the latents in {folder} were encoded with another VAE-GAN "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import load_checkpoint
 from lightning_diffusion.errors import UserError
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import load_checkpoint
 
 
 @dataclass

@@ -43,7 +43,7 @@ def load_efficientnet_lite0(weights_path: str | os.PathLike | None = None) -> nn
     """timm's `tf_efficientnet_lite0` with the ImageNet weights, in eval mode and frozen (inputs in [-1, 1])."""
     import timm
 
-    from lightning_diffusion.checkpoints import load_checkpoint
+    from lightning_diffusion.training.checkpoints import load_checkpoint
 
     path = Path(weights_path) if weights_path is not None else default_weights_path()
     state = load_checkpoint(path, what="EfficientNet-Lite0 weights")

@@ -47,7 +47,7 @@ def check_backbone_weights(net_type: str, home: str | os.PathLike | None = None)
     a plain-weights file)."""
     path = backbone_weights_path(net_type, home)
     if path.is_file():  # torchvision loads it with weights_only=False: refuse a pickle that would run code first
-        from lightning_diffusion.checkpoints import check_checkpoint
+        from lightning_diffusion.training.checkpoints import check_checkpoint
 
         check_checkpoint(path, what=f"LPIPS ({net_type}) backbone weights")
     else:

@@ -16,9 +16,9 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from lightning_diffusion.errors import UserError
-from lightning_diffusion.slurm_job import main as slurm_job_main
-from lightning_diffusion.slurm_job import override_args, resume_checkpoint, task_overrides
-from lightning_diffusion.slurm_requeue import RequeueOnSignal
+from lightning_diffusion.training.slurm_job import main as slurm_job_main
+from lightning_diffusion.training.slurm_job import override_args, resume_checkpoint, task_overrides
+from lightning_diffusion.training.slurm_requeue import RequeueOnSignal
 from slurm_cluster import REPO
 from tiny_model import PatternData, TinyAutoencoder
 

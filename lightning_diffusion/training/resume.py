@@ -83,7 +83,7 @@ def install_atomic_io(trainer: L.Trainer) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
         return
     rank_zero_warn(f"checkpoints are written by {type(current).__name__}, not atomically: a crash mid-write can "
-                   "leave a truncated file (use lightning_diffusion.resume.AtomicCheckpointIO for exact resume)")
+                   "leave a truncated file (use lightning_diffusion.training.resume.AtomicCheckpointIO for exact resume)")
 
 
 def step_checkpoints(dirpath: str | os.PathLike) -> dict[int, Path]:

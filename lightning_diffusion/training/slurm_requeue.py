@@ -8,7 +8,7 @@ installs its own handler first (Lightning then leaves SIGUSR1 alone), which only
 training batch the ranks agree on the flag with one boolean all-reduce, then all save the same
 `hpc_ckpt_<n>.ckpt` in `default_root_dir`, rank 0 requeues the job and training stops. On restart
 Lightning restores the newest `hpc_ckpt_*` by itself (`ckpt_path=None` under SLURM), as with its own handler.
-The sbatch templates add it with `--trainer.callbacks+=lightning_diffusion.slurm_requeue.RequeueOnSignal`.
+The sbatch templates add it with `--trainer.callbacks+=lightning_diffusion.training.slurm_requeue.RequeueOnSignal`.
 """
 
 from __future__ import annotations

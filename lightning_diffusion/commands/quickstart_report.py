@@ -83,7 +83,7 @@ def sample_grid(ckpt: Path, prompts: list[str], spec: dict[str, Any], path: Path
 def stage_curves(stage_dir: Path, out: Path, stage: str) -> tuple[list[Path], dict[str, float]]:
     """Metric-vs-step plots of a stage's CSV log (compare's plotting) and the last logged value of each metric."""
     from lightning_diffusion.commands.compare import _file_name, plot_curves
-    from lightning_diffusion.run_logs import read_csv_run
+    from lightning_diffusion.training.run_logs import read_csv_run
 
     logs = sorted(stage_dir.glob("csv/*/metrics.csv"))
     if not logs:

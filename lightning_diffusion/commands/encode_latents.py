@@ -37,7 +37,7 @@ import torch
 
 from lightning_diffusion.errors import UserError
 
-CREATED_BY = "python -m data_pipelines encode-latents"
+CREATED_BY = "python -m lightning_diffusion encode-latents"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ highest-numbered `hpc_ckpt_*` there by itself (`_CheckpointConnector._parse_ckpt
 Lightning does not do: when a job died without the signal (node failure, OOM, `scontrol requeue` by hand),
 the newest `last*.ckpt` written by a `ModelCheckpoint` under the run folder is the state to resume from.
 
-    python -m lightning_diffusion.slurm_job resume-args RUN_DIR            # NUL-separated fit arguments
-    python -m lightning_diffusion.slurm_job task-args OVERRIDES.jsonl INDEX
+    python -m lightning_diffusion.training.slurm_job resume-args RUN_DIR            # NUL-separated fit arguments
+    python -m lightning_diffusion.training.slurm_job task-args OVERRIDES.jsonl INDEX
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def task_overrides(path: str | Path, index: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_diffusion.slurm_job", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lightning_diffusion.training.slurm_job", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     resume = sub.add_parser("resume-args", help="print `--ckpt_path PATH` when a last*.ckpt is the state to resume")
     resume.add_argument("run_dir")
