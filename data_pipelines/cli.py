@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from lightning_diffusion.arguments import OneLineParser, write_error
 from lightning_diffusion.errors import UserError
 
 # name -> (module, one-line help)
@@ -35,7 +36,7 @@ def available_commands() -> dict[str, tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m data_pipelines",
         description="Dataset builders and webdataset shard tools for lightning_diffusion.",
         epilog="examples:\n"
@@ -58,12 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help(sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a full disk or read-only folder while writing: one line (outputs are written atomically)
+        if (user_error := write_error(err)) is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return user_error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

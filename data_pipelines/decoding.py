@@ -25,6 +25,9 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 INT64_RANGE = (-(2**63), 2**63 - 1)
 TENSOR_EXTENSIONS = ("npy", "pth", "pt")
 RESERVED_NAMES = ("image", "caption", "key", "label", "tokens")
+# A member whose (key, extension) the sample already holds is renamed `<key>.__duplicate<n>__.<ext>` by the stream
+# (webdataset would raise and lose the rest of the shard); the decoder then skips that sample.
+DUPLICATE_MARK = "__duplicate"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 WHITE = (255, 255, 255)
@@ -130,6 +133,9 @@ class SampleDecoder:
     max_caption_bytes: int | None = None
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        duplicates = sorted(key.split("__.", 1)[-1] for key in sample if key.startswith(DUPLICATE_MARK))
+        if duplicates:
+            raise CorruptSample(f"the shard holds the entry {duplicates[0]!r} of this sample more than once")
         out: dict[str, Any] = {"key": sample["__key__"], "label": _label(sample)}
         if self.image_keys:
             found = next((key for key in self.image_keys if key in sample), None)
@@ -147,10 +153,15 @@ class SampleDecoder:
         if self.max_caption_bytes is not None and len(caption) > self.max_caption_bytes:
             raise CorruptSample(f"caption is {len(caption)} bytes, over data.max_caption_bytes={self.max_caption_bytes}")
         out["caption"] = caption.decode("utf-8").strip()
+        if self.require_caption and not out["caption"]:
+            raise CorruptSample(f"the {self.caption_key!r} caption is empty or only whitespace")
         for entry in self.tensor_keys:
             if entry not in sample:
                 raise CorruptSample(f"no {entry!r} entry")
-            out[tensor_name(entry)] = load_tensor(sample[entry], entry)
+            tensor = load_tensor(sample[entry], entry)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CorruptSample(f"{entry} holds non-finite values (NaN or inf)")
+            out[tensor_name(entry)] = tensor
         return out
 
 

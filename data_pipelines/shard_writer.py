@@ -2,8 +2,10 @@
 
 Same samples in the same order give byte-identical shards: webdataset's `TarWriter` with a fixed mtime (0),
 uid/gid 0, empty user/group names, mode 0444, entries sorted by extension and the GNU tar format (long keys
-work). Each shard is written to `<name>.tmp` and renamed when complete, so an interrupted run never leaves a
-half-written `.tar`; `write_manifest` is called last and is the "done" marker.
+work). Shards are written to a staging folder (`.staging-<prefix>`, each as `<name>.tmp` renamed when complete) and
+moved into the output folder only when the writer closes without error, so a failed run (a full disk, a bad
+input, an interrupt) leaves the previous shards and manifest as they were; `write_manifest` is called last and is
+the "done" marker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from lightning_diffusion.errors import UserError
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lightning_diffusion.shards/1"
 _TAR_FORMAT = tarfile.GNU_FORMAT
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-/]+$")
+_KEY_PATTERN = re.compile(r"^[^./\\\x00-\x1f\x7f][^.\\\x00-\x1f\x7f]*$")  # no dots, backslashes or controls
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,10 @@ def closed_tar_bytes(offset: int) -> int:
 
 
 def check_key(key: str) -> None:
-    """webdataset groups files by the name up to the first dot, so keys may not contain dots."""
-    if not _KEY_PATTERN.match(key) or key.startswith("/") or "//" in key:
-        raise ValueError(f"invalid sample key {key!r}: use letters, digits, '_', '-' and '/' only")
+    """webdataset groups files by the name up to the first dot, so keys may not contain dots; spaces and non-ASCII
+    letters are fine (tar names are UTF-8)."""
+    if not _KEY_PATTERN.match(key) or "//" in key or key.endswith("/"):
+        raise ValueError(f"invalid sample key {key!r}: no dots, backslashes, control characters or empty path parts")
 
 
 def sha256_file(path: Path) -> str:
@@ -110,7 +114,9 @@ class ShardWriter:
         self._tar: wds.TarWriter | None = None
         self._count = 0
         self._offset = 0
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.staging = self.out_dir / f".staging-{prefix}"
+        shutil.rmtree(self.staging, ignore_errors=True)  # left by a run that was killed
+        self.staging.mkdir(parents=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -126,7 +132,7 @@ class ShardWriter:
         return f"{self.prefix}-{len(self.shards):06d}.tar"
 
     def _tmp_path(self) -> Path:
-        return self.out_dir / (self._name + ".tmp")
+        return self.staging / (self._name + ".tmp")
 
     def sample_bytes(self, key: str, entries: dict[str, bytes]) -> int:
         return sum(member_bytes(f"{key}.{ext}", len(data)) for ext, data in entries.items())
@@ -155,25 +161,33 @@ class ShardWriter:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
-        tmp, final = self._tmp_path(), self.out_dir / self._name
+        tmp, final = self._tmp_path(), self.staging / self._name
         os.replace(tmp, final)
         info = ShardInfo(self._name, self.split, self._count, sha256_file(final), final.stat().st_size)
         self.shards.append(info)
         self._tar, self._handle, self._count, self._offset = None, None, 0, 0
 
     def close(self) -> list[ShardInfo]:
-        """Finish the open shard and return every shard written."""
+        """Finish the open shard, move every shard into the output folder, and return them.
+
+        The old manifest is removed first: the folder is not "done" again until the caller rewrites it."""
         if self._tar is not None:
             self._finish_shard()
+        if self.shards:
+            (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        for shard in self.shards:
+            os.replace(self.staging / shard.name, self.out_dir / shard.name)
+        shutil.rmtree(self.staging, ignore_errors=True)
         return list(self.shards)
 
     def abort(self) -> None:
-        """Drop the shard being written (finished shards stay; the manifest is what marks a build done)."""
+        """Drop everything this writer wrote; the output folder keeps its previous shards and manifest."""
         if self._tar is not None:
             assert self._handle is not None
             self._handle.close()
-            self._tmp_path().unlink(missing_ok=True)
             self._tar, self._handle = None, None
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.shards = []
 
 
 def remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:

@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from data_pipelines.decoding import Collate, SampleDecoder
+from data_pipelines.decoding import DUPLICATE_MARK, Collate, SampleDecoder
 from data_pipelines.epoch_plan import EpochLayout, derive_seed, refill_segments, segments_between, shard_order
 from data_pipelines.tar_members import is_plain_tar, local_tar_files
 from data_pipelines.urls import url_scheme
@@ -48,6 +48,49 @@ MAX_CONSECUTIVE_FAILURES = 1000
 
 class SkippedSampleWarning(UserWarning):
     """A sample was skipped because it could not be read or decoded (it is counted, training goes on)."""
+
+
+def flag_duplicates(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Rename a member whose sample already has its extension (`s2.png` twice, or `s2.png` and `s2.PNG`) to
+    `s2.__duplicate<n>__.png`: webdataset's `group_by_keys` would raise and end the shard there; this way only that
+    sample is skipped (by the decoder, which names it)."""
+    key, seen = None, set()
+    try:
+        for member in files:
+            if member:
+                prefix, suffix = base_plus_ext(member["fname"])
+                if prefix is not None:
+                    if prefix != key:
+                        key, seen = prefix, set()
+                    suffix = suffix.lower()
+                    if suffix in seen:
+                        member = {**member, "fname": f"{prefix}.{DUPLICATE_MARK}{len(seen)}__.{suffix}"}
+                    seen.add(suffix)
+            else:
+                key, seen = None, set()
+            yield member
+    finally:
+        close = getattr(files, "close", None)
+        if close is not None:
+            close()
+
+
+class ShapeReference:
+    """The shape of each tensor entry in this worker's first good sample; a sample with another shape raises."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names, self.shapes, self.first = names, {}, None
+
+    def check(self, decoded: dict[str, Any]) -> None:
+        for name in self.names:
+            shape = tuple(decoded[name].shape)
+            expected = self.shapes.get(name)
+            if expected is not None and shape != expected:
+                raise ValueError(f"{name} has shape {list(shape)}, the other samples (from {self.first!r}) "
+                                 f"{list(expected)}; rewrite this sample")
+        if self.first is None and self.names:
+            self.shapes = {name: tuple(decoded[name].shape) for name in self.names}
+            self.first = decoded["key"]
 
 
 class SkipLog:
@@ -225,7 +268,7 @@ class ShardStream(IterableDataset):
                 stream = gopen(url)
                 files = tar_file_expander(iter([{"url": url, "stream": stream}]))
             try:
-                for sample in group_by_keys(files):
+                for sample in group_by_keys(flag_duplicates(files)):
                     if stop is not None and position >= stop:
                         return
                     if position >= start:
@@ -244,11 +287,15 @@ class ShardStream(IterableDataset):
             skips.record(url, None, f"has {position} samples, expected {stop} (stale manifest?)", stop - max(start, position))
 
     def _decoded(self, raw: Iterator[dict[str, Any]], skips: SkipLog, epoch: int, pulled: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(raw samples pulled so far, decoded sample); a sample's flip is a function of (seed, epoch, key)."""
-        failures = 0
+        """(raw samples pulled so far, decoded sample); a sample's flip is a function of (seed, epoch, key).
+
+        Tensor entries must keep the shape of this worker's first decoded sample (they are stacked into batches):
+        one of another shape is skipped like an undecodable image."""
+        failures, shapes = 0, ShapeReference(self.collate.tensor_names)
         for pulled, sample in enumerate(raw, start=pulled + 1):
             try:
                 decoded = self.decoder(sample)
+                shapes.check(decoded)
             except Exception as exn:  # one bad sample is skipped and counted, never fatal
                 if not sample.get(REPLACEMENT_KEY, False):
                     skips.record(sample.get("__url__"), sample.get("__key__"), f"{type(exn).__name__}: {exn}")

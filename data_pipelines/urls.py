@@ -46,6 +46,16 @@ def check_pipe_policy(spec: str | list[str] | tuple[str, ...] | None, key: str, 
             )
 
 
+def _check_readable(path: str, key: str) -> None:
+    """A dangling symbolic link or a shard this user cannot read is named here, not dropped or read as empty."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"{key}: shard {path!r} is a symbolic link to a missing file ({os.readlink(path)!r}); "
+                        "fix or remove the link")
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        raise UserError(f"{key}: shard {path!r} is not readable by this user; fix its permissions "
+                        f"(chmod a+r {path}) or leave it out")
+
+
 def resolve_shards(
     spec: str | list[str] | tuple[str, ...] | None, key: str, allow_pipe_urls: bool = False
 ) -> list[str]:
@@ -59,20 +69,30 @@ def resolve_shards(
     check_pipe_policy(spec, key, allow_pipe_urls)
     urls: list[str] = []
     for pattern in _patterns(spec):
-        for url in braceexpand.braceexpand(pattern):
+        try:
+            expanded = list(braceexpand.braceexpand(pattern))
+        except braceexpand.UnbalancedBracesError:
+            raise UserError(f"{key}: {pattern!r} has an unbalanced brace; write ranges as train-{{000000..000009}}.tar "
+                            "and close every '{'") from None
+        for url in expanded:
             scheme = url_scheme(url)
             if scheme is not None and scheme != "file":
                 urls.append(url)
                 continue
             path = os.path.expanduser(re.sub(r"^file://?", "", url) if scheme == "file" else url)
             if _GLOB_CHARS.search(path):
-                matches = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+                found = sorted(glob.glob(path))
+                for match in found:
+                    _check_readable(match, key)
+                matches = [p for p in found if os.path.isfile(p)]
                 if not matches:
                     raise UserError(f"{key}: no shard matches {pattern!r}; check the path or {BUILD_HINT}")
                 urls.extend(matches)
             elif os.path.isfile(path):
+                _check_readable(path, key)
                 urls.append(path)
             else:
+                _check_readable(path, key)
                 raise UserError(f"{key}: shard {path!r} (from {pattern!r}) does not exist; check the path or {BUILD_HINT}")
     if not urls:
         raise UserError(f"{key}: {spec!r} names no shards; check the pattern or {BUILD_HINT}")

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from lightning_diffusion.arguments import check_output_dir, positive_int
 from lightning_diffusion.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -51,10 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="folder of images with .txt captions, or a .csv / .jsonl manifest")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--prefix", default="train", help="shard name prefix and split name (default train)")
-    parser.add_argument("--resize", type=int, default=None, help="scale so the shorter side is N pixels")
+    parser.add_argument("--resize", type=positive_int, default=None, help="scale so the shorter side is N pixels")
     parser.add_argument("--center-crop", action="store_true", help="crop the largest centred square")
-    parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="default 1000")
-    parser.add_argument("--max-bytes-per-shard", type=int, default=None, help="cap on a shard file's size in bytes")
+    parser.add_argument("--max-samples-per-shard", type=positive_int, default=1000, help="default 1000")
+    parser.add_argument("--max-bytes-per-shard", type=positive_int, default=None, help="cap on a shard file's size in bytes")
 
 
 def _sanitise(text: str) -> str:
@@ -84,7 +85,7 @@ def _row_candidate(where: str, index: int, row: dict, base: Path) -> Candidate:
 
 
 def _from_csv(manifest: Path) -> Iterator[Candidate]:
-    with open(manifest, newline="", encoding="utf-8") as handle:
+    with open(manifest, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is read, not kept
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
         if not {"path", "caption"} <= columns:
@@ -95,7 +96,7 @@ def _from_csv(manifest: Path) -> Iterator[Candidate]:
 
 def _from_jsonl(manifest: Path) -> Iterator[Candidate]:
     index = 0
-    with open(manifest, encoding="utf-8") as handle:
+    with open(manifest, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -117,10 +118,13 @@ def candidates(source: Path) -> list[Candidate]:
         return list(_from_folder(source))
     if not source.is_file():
         raise UserError(f"{source} does not exist: give a folder of images with .txt captions, or a .csv/.jsonl manifest")
-    if source.suffix.lower() == ".csv":
-        return list(_from_csv(source))
-    if source.suffix.lower() in (".jsonl", ".ndjson"):
-        return list(_from_jsonl(source))
+    reader = {".csv": _from_csv, ".jsonl": _from_jsonl, ".ndjson": _from_jsonl}.get(source.suffix.lower())
+    if reader is not None:
+        try:
+            return list(reader(source))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{source} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}): "
+                            "save the manifest as UTF-8 and run again") from None
     raise UserError(f"{source}: expected a folder, a .csv or a .jsonl manifest")
 
 
@@ -180,11 +184,9 @@ def encode_sample(candidate: Candidate, resize: int | None, center_crop: bool, b
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from data_pipelines.shard_writer import MANIFEST_NAME, ShardWriter, read_manifest, remove_stale_shards, write_manifest
+    from data_pipelines.shard_writer import ShardWriter, read_manifest, remove_stale_shards, write_manifest
 
-    if args.resize is not None and args.resize < 1:
-        raise UserError(f"--resize must be a positive number of pixels, got {args.resize}")
-    source, out = Path(args.source), Path(args.out)
+    source, out = Path(args.source), check_output_dir(args.out, "--out")
     base = source if source.is_dir() else source.parent
     rows = candidates(source)
     previous = read_manifest(out) if out.exists() else None
@@ -204,8 +206,6 @@ def run(args: argparse.Namespace) -> int:
                     progress.write(f"skipped {candidate.where}: {skip}", file=sys.stderr)
                 reported += 1
                 continue
-            if not seen:
-                (out / MANIFEST_NAME).unlink(missing_ok=True)  # shards are about to change: not "done" until rewritten
             seen.add(candidate.key)
             writer.write(candidate.key, entries)
     if reported > MAX_REPORTED:

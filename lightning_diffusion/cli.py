@@ -15,6 +15,7 @@ import re
 import sys
 from typing import Any
 
+from lightning_diffusion.arguments import OneLineParser, write_error
 from lightning_diffusion.errors import UserError
 
 TRAINER_COMMANDS: dict[str, str] = {
@@ -203,7 +204,7 @@ def _trainer_defaults() -> dict[str, Any]:
 def _run_project_command(name: str, argv: list[str]) -> int:
     module_name, help_text = _available_project_commands()[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"python -m lightning_diffusion {name}", description=help_text)
+    parser = OneLineParser(prog=f"python -m lightning_diffusion {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     return int(module.run(args) or 0)
@@ -229,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a full disk or read-only folder while writing: one line (outputs are written atomically)
+        if (user_error := write_error(err)) is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return user_error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -267,3 +267,129 @@ def test_two_workers_skip_count_and_name_every_bad_sample(tmp_path, capfd):
     err = capfd.readouterr().err  # the workers' warnings go to their stderr
     for prefix, index in bad:
         assert f"sample '{prefix}{index}' of {tmp_path / f'{prefix}-0.tar'}" in err, err
+
+
+# ---------------------------------------------------------------- issue 17: more malformed samples and shard lists
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _raw_tar(path, samples) -> str:
+    """A tar written member by member (webdataset's TarWriter cannot write one sample's entry twice)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as archive:
+        for sample in samples:
+            for name, data in sample:
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _members(index: int, latent: np.ndarray | None = None) -> list[tuple[str, bytes]]:
+    sample = good_sample(index)
+    members = [(f"s{index}.png", sample["png"]), (f"s{index}.txt", sample["txt"])]
+    if latent is not None:
+        members.append((f"s{index}.latent.npy", _npy(latent)))
+    return members
+
+
+LATENT = np.ones((4, 2, 2), np.float32)
+# case -> (members of s2, DataModule options, the reason the warning must give)
+BAD_SAMPLES_17 = {
+    "same_member_twice": (_members(2) + [("s2.png", good_sample(2)["png"])], {}, r"entry 'png' of this sample more than once"),
+    "same_member_other_case": (_members(2) + [("s2.PNG", good_sample(2)["png"])], {}, r"entry 'png' .* more than once"),
+    "tensor_of_another_shape": (_members(2, np.ones((4, 3, 3), np.float32)), {"tensor_keys": ["latent.npy"]},
+                                r"latent has shape \[4, 3, 3\], the other samples \(from 's0'\) \[4, 2, 2\]"),
+    "tensor_full_of_nan": (_members(2, np.full((4, 2, 2), np.nan, np.float32)), {"tensor_keys": ["latent.npy"]},
+                           r"latent.npy holds non-finite values"),
+    "tensor_with_one_inf": (_members(2, np.where(np.eye(2, dtype=bool), np.inf, 1.0).astype(np.float32)[None].repeat(4, 0)),
+                            {"tensor_keys": ["latent.npy"]}, r"latent.npy holds non-finite values"),
+    "whitespace_caption": ([("s2.png", good_sample(2)["png"]), ("s2.txt", " \t\n ")], {}, r"caption is empty or only whitespace"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES_17))
+def test_a_bad_sample_costs_only_itself(tmp_path, case):
+    bad, options, reason = BAD_SAMPLES_17[case]
+    latent = LATENT if options.get("tensor_keys") else None
+    samples = [bad if index == 2 else _members(index, latent) for index in range(5)]
+    shard = _raw_tar(tmp_path / "bad-000000.tar", samples)
+    batches, dm, skipped, _ = one_epoch(shard, **options)
+    assert_good_batches(batches, [["s0", "s1"], ["s3", "s4"]])  # the samples after it are all used
+    if latent is not None:
+        assert all(torch.equal(batch["latent"], torch.ones(2, 4, 2, 2)) for batch in batches)
+    assert dm.skipped_samples == {"train": 1}
+    assert len(skipped) == 1 and f"sample 's2' of {shard}" in skipped[0], skipped
+    assert re.search(reason, skipped[0]), skipped[0]
+
+
+def _setup_error(urls) -> str:
+    from data_pipelines import ShardDataModule
+    from lightning_diffusion.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        ShardDataModule(urls, image_size=SIZE, batch_size=2, num_workers=0).setup("fit")
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_an_unbalanced_brace_is_one_user_error(tmp_path):
+    _raw_tar(tmp_path / "x-0.tar", [_members(0)])
+    message = _setup_error(str(tmp_path / "x-{0..1.tar"))
+    assert "data.train_urls" in message and "unbalanced brace" in message
+
+
+def test_a_dangling_symlink_among_the_shards_is_named(tmp_path):
+    _raw_tar(tmp_path / "x-0.tar", [_members(0), _members(1)])
+    (tmp_path / "x-1.tar").symlink_to(tmp_path / "gone.tar")
+    message = _setup_error(str(tmp_path / "x-*.tar"))
+    assert "x-1.tar" in message and "symbolic link to a missing file" in message
+    assert "x-1.tar" in _setup_error(str(tmp_path / "x-1.tar"))
+
+
+def test_an_unreadable_shard_is_named(tmp_path):
+    """As root every file is readable, so the check runs in a forked child that drops to `nobody`."""
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork to drop privileges")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _raw_tar(folder / "x-0.tar", [_members(0)])
+    _raw_tar(folder / "x-1.tar", [_members(1)])
+    (folder / "x-1.tar").chmod(0o000)
+    for part in [tmp_path, *tmp_path.parents]:
+        if part != part.parent and part.stat().st_uid == os.geteuid():
+            part.chmod(part.stat().st_mode | 0o005)  # let `nobody` reach the folder
+    if os.geteuid() != 0:  # an ordinary user cannot read a mode-000 file: check in this process
+        assert "not readable" in _setup_error(str(folder / "x-*.tar"))
+        return
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            from data_pipelines.urls import resolve_shards
+            from lightning_diffusion.errors import UserError
+
+            try:
+                resolve_shards(str(folder / "x-*.tar"), "data.train_urls")
+                os.write(write, b"no error")
+            except UserError as err:
+                os.write(write, str(err).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    message = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(child, 0)
+    assert "x-1.tar" in message and "not readable by this user" in message, message

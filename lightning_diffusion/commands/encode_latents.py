@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_diffusion.arguments import check_output_dir, device_name, nonnegative_int, positive_int
 from lightning_diffusion.errors import UserError
 
 CREATED_BY = "python -m lightning_diffusion encode-latents"
@@ -49,19 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input image shards (patterns like 'data/emoji/train-*.tar')")
     parser.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     parser.add_argument("--prefix", default="train", help="shard name prefix and split name (default train)")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="encode at N px (default: the VAE-GAN's image_size; must match the denoiser's)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder forward (default 64)")
     posterior = parser.add_mutually_exclusive_group()
     posterior.add_argument("--mode", dest="posterior", action="store_const", const="mode",
                            help="store the posterior mean (default)")
     posterior.add_argument("--sample", dest="posterior", action="store_const", const="sample",
                            help="store one posterior sample per image (seeded by --seed and the key)")
     parser.set_defaults(posterior="mode")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
-    parser.add_argument("--num-workers", type=int, default=1, help="decoding workers (default 1)")
-    parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="default 1000")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --sample")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=1, help="decoding workers (default 1)")
+    parser.add_argument("--max-samples-per-shard", type=positive_int, default=1000, help="default 1000")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, ... (default: cuda when available)")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -130,17 +132,15 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from data_pipelines.shard_writer import (
-        MANIFEST_NAME, ShardWriter, read_manifest, remove_stale_shards, sha256_file, write_manifest,
+        ShardWriter, read_manifest, remove_stale_shards, sha256_file, write_manifest,
     )
     from data_pipelines.urls import resolve_shards
     from lightning_diffusion.autoencoder import VAEGAN
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.num_workers < 0:
-        raise UserError(f"--num-workers must be 0 or more, got {args.num_workers}")
     urls = resolve_shards(args.urls, "--in")
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
+    if not re.match(r"^[A-Za-z0-9_\-]+$", args.prefix):
+        raise UserError(f"--prefix {args.prefix!r} may only use letters, digits, '_' and '-', e.g. --prefix train")
     if any(Path(url).resolve().parent == out.resolve() for url in urls):
         raise UserError(f"--out {out} is the folder of the input shards: write the latents to a folder of their own")
     device = _device(args.device)
@@ -176,8 +176,6 @@ def run(args: argparse.Namespace) -> int:
                 tokens = text_encoder.tokenizer(batch["caption"]).to(device)
                 states, pooled = (part.half().cpu().numpy() for part in text_encoder(tokens))
                 lengths = text_encoder.token_mask(tokens).sum(1).tolist()
-            if len(seen) == len(batch["key"]):  # first batch: shards are about to change, not "done" until rewritten
-                (out / MANIFEST_NAME).unlink(missing_ok=True)
             for i, key in enumerate(batch["key"]):
                 meta = dict(meta_common)
                 if batch["label"][i] is not None:

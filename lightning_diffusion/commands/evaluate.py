@@ -24,6 +24,9 @@ import torch
 import yaml
 
 from lightning_diffusion.training.checkpoints import load_checkpoint
+from lightning_diffusion.arguments import (
+    atomic_output, check_output_file, device_name, finite_float, nonnegative_int, positive_int,
+)
 from lightning_diffusion.errors import UserError
 
 METRIC_CHOICES = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim", "clip_score")
@@ -33,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, type=Path, help="Lightning checkpoint to score")
     parser.add_argument("--data", required=True, nargs="+", help="shard URL patterns (e.g. 'data/emoji/val-*.tar')")
     parser.add_argument("--metrics", default="fid,psnr,ssim", help=f"comma-separated, from {', '.join(METRIC_CHOICES)}")
-    parser.add_argument("--num-samples", type=int, default=1000, help="images scored (all ranks together)")
+    parser.add_argument("--num-samples", type=positive_int, default=1000, help="images scored (all ranks together)")
     parser.add_argument("--encoder", default="auto", choices=("auto", "inception", "clip", "effnet"),
                         help="feature space of fid/kid (auto: inception if its weights file is present, else effnet)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -47,15 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path,
                         help="real-statistics cache (default: ~/.cache/lightning_diffusion/real_stats)")
     parser.add_argument("--dataset-name", help="name in the cache key (default: the shards' folder name)")
-    parser.add_argument("--image-size", type=int, help="image size (default: the model's image_size)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument("--image-size", type=positive_int, help="image size (default: the model's image_size)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--num-workers", type=nonnegative_int, default=0)
+    parser.add_argument("--kid-subset-size", type=positive_int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, help="denoisers: classifier-free guidance weight (default: the model's)")
+    parser.add_argument("--guidance", type=finite_float, help="denoisers: classifier-free guidance weight (default: the model's)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun"), help="denoisers: sampler (default: the model's)")
-    parser.add_argument("--steps", type=int, help="denoisers: sampling steps (default: the model's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=positive_int, help="denoisers: sampling steps (default: the model's)")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> str:
@@ -131,6 +134,16 @@ def _clip_score(args: argparse.Namespace, device: torch.device) -> Any:
     return project_clip_score(args.clip_ckpt, device)
 
 
+def _check_image_size(model: torch.nn.Module, task: str, image_size: int) -> None:
+    """A reconstruction model halves the size once per extra `channel_mults` entry: the size must divide evenly."""
+    mults = getattr(model, "hparams", {}).get("channel_mults")
+    if task == "reconstruction" and mults:
+        factor = 2 ** (len(mults) - 1)
+        if image_size % factor:
+            raise UserError(f"--image-size {image_size} does not fit this VAE-GAN (it downsamples by {factor}): "
+                            f"give a multiple of {factor}, e.g. {max(factor, image_size // factor * factor)}")
+
+
 def generation_options(args: argparse.Namespace, model: torch.nn.Module, task: str) -> dict[str, Any]:
     """`--guidance/--sampler/--steps` for `generate` (None: the model's validation defaults), checked against the
     model before anything is computed or written."""
@@ -158,6 +171,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--metrics: unknown {unknown or 'empty list'}; choose from {', '.join(METRIC_CHOICES)}")
     if args.num_samples < 2:
         raise UserError("--num-samples must be at least 2 (a covariance needs two samples)")
+    if args.out is not None:
+        check_output_file(args.out, "--out", (".json",))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     rank, world = _distributed()
     if args.device == "cuda" and world > 1:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
@@ -169,6 +186,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     check_metrics(task, metrics)
     options = generation_options(args, model, task)
     image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size", 64))
+    _check_image_size(model, task, image_size)
 
     suite, encoder_name, real_cached = None, None, None
     frechet_metrics = tuple(m for m in metrics if m in ("fid", "kid"))
@@ -229,6 +247,6 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         print(format_results(result))
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+            with atomic_output(args.out) as temporary:
+                temporary.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -21,6 +21,9 @@ from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
 from lightning_diffusion.diffusion.arguments import check_sampling
 from lightning_diffusion.diffusion.module import Denoiser
+from lightning_diffusion.arguments import (
+    atomic_output, check_output_file, device_name, finite_float, nonnegative_int, positive_int,
+)
 from lightning_diffusion.errors import UserError
 
 
@@ -28,19 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="denoiser checkpoint (Lightning .ckpt)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text prompt; repeat for several rows (text-conditioned models)")
-    parser.add_argument("--label", type=int, action="append", default=None,
+    parser.add_argument("--label", type=nonnegative_int, action="append", default=None,
                         help="class label; repeat for several rows (class-conditioned models)")
     parser.add_argument("--lowres", default=None, help="low-resolution image to upscale (super-resolution models)")
-    parser.add_argument("--guidance", type=float, nargs="+", default=None,
+    parser.add_argument("--guidance", type=finite_float, nargs="+", default=None,
                         help="classifier-free guidance weight(s) w: uncond + w (cond - uncond); 1 = no guidance "
                              "(default: the model's validation guidance)")
     parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None,
                         help="default: the model's validation sampler")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
-    parser.add_argument("--n", type=int, default=16, help="samples per row")
+    parser.add_argument("--n", type=positive_int, default=16, help="samples per row")
     parser.add_argument("--out", default="samples/grid.png", help="grid PNG; single images go to a folder beside it")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--vae-checkpoint", default=None, help="override the VAE-GAN path stored in the checkpoint")
     parser.add_argument("--clip-checkpoint", default=None, help="override the CLIP path stored in the checkpoint")
 
@@ -92,6 +95,9 @@ def _rows(args: argparse.Namespace, model: Denoiser) -> list[dict]:
         raise UserError("this model is text-conditioned: give at least one --prompt")
     if "class" in kinds and not args.label:
         raise UserError("this model is class-conditioned: give at least one --label")
+    if args.lowres is not None and "lowres" not in kinds:
+        raise UserError(f"--lowres given, but this model takes no low-resolution input (conditioning "
+                        f"{model.hparams.conditioning!r}): leave out --lowres")
     if "lowres" in kinds and not args.lowres:
         raise UserError("this model is a super-resolution stage: give --lowres IMAGE")
     if any(not prompt.strip() for prompt in args.prompt or []):
@@ -102,10 +108,12 @@ def _rows(args: argparse.Namespace, model: Denoiser) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1; got {args.n}")
-    if args.steps is not None and args.steps < 1:  # before the (slow) model load
-        raise UserError(f"--steps must be >= 1; got {args.steps}")
+    out = check_output_file(args.out, "--out", (".png",))  # before the (slow) model load
+    if out.with_suffix("").exists() and not out.with_suffix("").is_dir():
+        raise UserError(f"--out: '{out.with_suffix('')}' (the folder for the single images) is a file; move it or "
+                        "choose another --out")
+    if args.lowres is not None and not Path(args.lowres).is_file():
+        raise UserError(f"--lowres image '{args.lowres}' does not exist")
     model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint)
     for guidance in args.guidance or [None]:
         check_sampling(model.hparams, sampler=args.sampler, guidance=guidance, prefix="--")
@@ -115,28 +123,29 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     lowres = _load_lowres(args.lowres, model.hparams.lowres_size) if "lowres" in model.kinds else None
 
-    out = Path(args.out)
     singles = out.with_suffix("")
-    singles.mkdir(parents=True, exist_ok=True)
     images, captions = [], []
-    for index, row in enumerate(rows):
-        samples = model.generate(
+    for row in rows:
+        images.append(model.generate(
             [row["prompt"]] * args.n if "prompt" in row else None,
             [row["label"]] * args.n if "label" in row else None,
             lowres.expand(args.n, -1, -1, -1) if lowres is not None else None,
             num_samples=args.n, guidance=row["guidance"], sampler=args.sampler, steps=args.steps, seed=args.seed,
             progress=True,
-        )
-        for k, image in enumerate(to_uint8(samples)):
-            save_png(image, singles / f"row{index:02d}_{k:03d}.png")
-        images.append(samples)
+        ))
         condition = f"prompt={row['prompt']!r}" if "prompt" in row else f"label={row['label']}" if "label" in row else ""
-        captions.append(f"row {index}: {condition} guidance={row['guidance']:g}".replace(":  ", ": "))
+        captions.append(f"row {len(captions)}: {condition} guidance={row['guidance']:g}".replace(":  ", ": "))
     columns = math.ceil(math.sqrt(args.n)) if len(rows) == 1 else args.n
-    save_png(image_grid(torch.cat(images), columns), out)
     sampler = args.sampler or model.hparams.val_sampler
     steps = args.steps or model.hparams.val_steps
     header = f"{args.ckpt} sampler={sampler} steps={steps} seed={args.seed} n={args.n}"
-    out.with_suffix(".txt").write_text("\n".join([header, *captions]) + "\n")
+    # everything goes to temporary names first: a full disk or an interrupt leaves the previous outputs intact
+    with atomic_output(singles) as folder, atomic_output(out) as grid, atomic_output(out.with_suffix(".txt")) as text:
+        folder.mkdir()
+        for index, samples in enumerate(images):
+            for k, image in enumerate(to_uint8(samples)):
+                save_png(image, folder / f"row{index:02d}_{k:03d}.png")
+        save_png(image_grid(torch.cat(images), columns), grid)
+        text.write_text("\n".join([header, *captions]) + "\n")
     print(f"wrote {out} ({len(rows)} row(s) x {args.n}), captions {out.with_suffix('.txt')}, single images in {singles}/")
     return 0
