@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from lightning_diffusion.arguments import check_output_dir
 from lightning_diffusion.errors import UserError
 
 SPLITS = ("train", "val")
@@ -65,6 +66,7 @@ def _parse_sources(text: str) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, "--out")
     if args.size < 8:
         raise UserError(f"--size must be at least 8 pixels, got {args.size}")
     if not 0.0 <= args.val_fraction < 1.0:

@@ -7,7 +7,6 @@ live in `lightning_diffusion.commands` and are loaded only when called.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import pickle
@@ -129,6 +128,11 @@ def run_lightning(args: list[str]) -> None:
             except (MisconfigurationException, ValueError) as err:
                 raise UserError(f"trainer: {str(err).splitlines()[0]} (see `python -m lightning_diffusion "
                                 f"{self.subcommand} --help`)") from err
+            except ModuleNotFoundError as err:  # a precision (or other) plugin whose package is not installed
+                raise UserError(f"trainer: this setting needs a package that is not installed ({err}); install it or "
+                                "choose another trainer.precision / plugin, e.g. trainer.precision: 32-true") from err
+            if self.subcommand == "fit" and isinstance(self.datamodule, ShardDataModule):
+                _check_val_interval(trainer, self.datamodule)
             seed = self._get(self.config, "seed_everything")
             if seed is not False:
                 logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
@@ -171,7 +175,13 @@ def run_lightning(args: list[str]) -> None:
             trainer_defaults=_trainer_defaults(),
         )
     except ArgumentError as err:
-        raise UserError(f"{_one_line(str(err))} (see `python -m lightning_diffusion {args[0]} --help`)") from err
+        message = _one_line(str(err))
+        if "<unicode string>" in message:  # jsonargparse parsed a --config file's text: name the file
+            configs = [value for flag, value in zip(args, args[1:]) if flag == "--config"]
+            configs += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+            message = message.replace('"<unicode string>"', " or ".join(repr(c) for c in configs) or "the config")
+            message = f"{message}; fix the YAML"
+        raise UserError(f"{message} (see `python -m lightning_diffusion {args[0]} --help`)") from err
     except Exception as err:
         # jsonargparse wraps errors raised while instantiating classes (a model's constructor validating its
         # arguments) in its own exceptions: surface the user's error itself.
@@ -181,6 +191,19 @@ def run_lightning(args: list[str]) -> None:
         raise user_error from None
     finally:
         sys.argv = saved_argv
+
+
+def _check_val_interval(trainer: Any, datamodule: Any) -> None:
+    """An int `val_check_interval` past the end of the epoch fails only when fitting starts: refuse it here."""
+    interval = trainer.val_check_interval
+    if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
+        return
+    batches, limit = len(datamodule.train_dataloader()), trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if interval > batches:
+        raise UserError(f"trainer.val_check_interval {interval} is longer than the epoch ({batches} training batches): "
+                        f"set trainer.val_check_interval to {batches} or less, or trainer.check_val_every_n_epoch: "
+                        "null to count batches across epochs")
 
 
 def _find_user_error(err: BaseException) -> UserError | None:

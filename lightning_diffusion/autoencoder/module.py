@@ -40,7 +40,7 @@ from lightning_diffusion.autoencoder.losses import (
 from lightning_diffusion.autoencoder.networks import Decoder, Encoder
 from lightning_diffusion.autoencoder.perceptual import PerceptualName, check_perceptual, log_name, make_perceptual
 from lightning_diffusion.autoencoder.validation import ReconstructionMetrics
-from lightning_diffusion.errors import UserError, check_positive
+from lightning_diffusion.errors import UserError, check_betas, check_fraction, check_positive
 from lightning_diffusion.training.nonfinite import NonFiniteLossError  # noqa: F401 - re-exported (raised by training_step)
 from lightning_diffusion.training.nonfinite import NonFiniteGuard, NonFiniteMode, check_finite_weights
 
@@ -55,6 +55,8 @@ def _check_sizes(args: dict[str, Any]) -> None:
         check_positive(f"model.{key}", args[key], example, optional=True)
     for key, example in (("lr", 1e-4), ("disc_lr", 1e-4)):
         check_positive(f"model.{key}", args[key], example, integer=False, optional=key == "disc_lr")
+    check_betas("model.betas", args["betas"], "[0.5, 0.9]")
+    check_fraction("model.dropout", args["dropout"], 0.1)
     mults = args["channel_mults"]
     if not mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mults):
         raise UserError(f"model.channel_mults must be a non-empty list of positive integers, got {mults!r}; "

@@ -27,7 +27,7 @@ from lightning_diffusion.clip.towers import (
     image_size_of,
     lock_towers,
 )
-from lightning_diffusion.errors import UserError, check_positive
+from lightning_diffusion.errors import UserError, check_betas, check_nonnegative, check_positive
 from lightning_diffusion.training.nonfinite import (
     NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
 )
@@ -39,6 +39,8 @@ def _check_arguments(args: dict[str, Any]) -> None:
         check_positive(f"model.{key}", args[key], example, optional=True)
     for key, example in (("lr", 5e-4), ("eps", 1e-6)):
         check_positive(f"model.{key}", args[key], example, integer=False)
+    check_betas("model.betas", args["betas"], "[0.9, 0.98]")
+    check_nonnegative("model.weight_decay", args["weight_decay"], 0.2)
     warmup, cap, ks = args["warmup_steps"], args["max_logit_scale"], args["recall_ks"]
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise UserError(f"model.warmup_steps must be 0 or more, got {warmup!r}; set e.g. model.warmup_steps: 100")

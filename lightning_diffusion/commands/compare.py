@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lightning_diffusion.arguments import check_output_dir
 from lightning_diffusion.errors import UserError
 from lightning_diffusion.training.run_logs import RunLog, find_runs
 
@@ -175,6 +176,8 @@ def _select_runs(args: argparse.Namespace) -> list[RunLog]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_output_dir(args.out, "--out")  # before reading the runs
     runs = _select_runs(args)
     logged = [set(run.history) for run in runs]
     if args.metrics:

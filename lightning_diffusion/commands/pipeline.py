@@ -82,17 +82,23 @@ def merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """Read a preset (a name in configs/pipeline/ or a file), following `extends:` chains."""
+def load_preset(name: str, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a preset (a name in configs/pipeline/ or a file), following `extends:` chains (a loop is refused)."""
     path = find_file(name if name.endswith((".yaml", ".yml")) else f"configs/pipeline/{name}.yaml", "--preset",
                      "give a preset name from configs/pipeline/ (quickstart, smoke) or a YAML file")
+    if path.resolve() in _chain:
+        raise UserError(f"preset {path}: `extends:` leads back to itself ({' -> '.join(str(p) for p in _chain)} -> "
+                        f"{path}); point extends at another preset or remove it")
     try:
         preset = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"preset {path} is not valid YAML: {err}") from err
+        raise UserError(f"preset {path} is not valid YAML ({' '.join(str(err).split())}); fix the file") from err
+    if not isinstance(preset, dict):
+        raise UserError(f"preset {path} holds a {type(preset).__name__}, not a mapping of settings; write keys such "
+                        "as `extends: quickstart` and `stages:` (see configs/pipeline/smoke.yaml)")
     parent = preset.pop("extends", None)
     if parent:
-        preset = merged(load_preset(str(path.parent / parent)), preset)
+        preset = merged(load_preset(str(path.parent / parent), (*_chain, path.resolve())), preset)
     return preset
 
 

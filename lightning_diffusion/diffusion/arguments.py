@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_diffusion.diffusion.conditioning import is_guidable
-from lightning_diffusion.errors import UserError, check_positive
+from lightning_diffusion.errors import UserError, check_fraction, check_nonnegative, check_positive
 
 
 def check_sampler(objective: str, sampler: str, key: str = "sampler") -> None:
@@ -46,6 +46,10 @@ def check_arguments(hp: Any, kinds: tuple[str, ...], val_guidance: float) -> Non
     for key, example in (("image_size", 32), ("base_channels", 64), ("num_res_blocks", 2), ("num_heads", 4)):
         check_positive(f"model.{key}", hp[key], example)
     check_positive("model.lr", hp.lr, 2e-4, integer=False)
+    check_fraction("model.dropout", hp.dropout, 0.1)
+    check_fraction("model.ema_decay", hp.ema_decay, 0.999, closed=True, optional=True)
+    check_nonnegative("model.weight_decay", hp.weight_decay, 0.01)
+    check_nonnegative("model.warmup_steps", hp.warmup_steps, 500, integer=True)
     if isinstance(hp.num_timesteps, bool) or not isinstance(hp.num_timesteps, int) or hp.num_timesteps < 2:
         raise UserError(f"model.num_timesteps must be an integer of at least 2, got {hp.num_timesteps!r}; set e.g. "
                         "model.num_timesteps: 1000")
@@ -64,3 +68,7 @@ def check_arguments(hp: Any, kinds: tuple[str, ...], val_guidance: float) -> Non
                         f"({hp.image_size}); got {hp.lowres_size}")
     if hp.val_steps < 1 or hp.val_timesteps < 1 or hp.samples_per_prompt < 1 or hp.grid_every_n_steps < 1:
         raise UserError("model.val_steps, val_timesteps, samples_per_prompt and grid_every_n_steps must be >= 1")
+    widths = [hp.base_channels * m for m in hp.channel_mult]
+    if any(width % hp.num_heads for width in widths):
+        raise UserError(f"model.num_heads {hp.num_heads} does not divide the U-Net widths {widths} (model.base_channels "
+                        "x model.channel_mult): choose a divisor of each, e.g. model.num_heads: 4")
