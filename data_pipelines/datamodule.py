@@ -298,6 +298,12 @@ class ShardDataModule(LightningDataModule):
             self._shard_cache[split] = (urls, shard_sample_counts(urls, key) if needs_counts else None)
         return self._shard_cache[split]
 
+    def train_batches(self, world: int = 1) -> int:
+        """Training batches per rank and epoch on `world` ranks (before any loader is built)."""
+        _, counts = self._shards("train")
+        total = self.samples_per_epoch if self.mode == "resampled" else sum(counts)
+        return total // (world * self.batch_size)
+
     def _loader(self, split: str, batch_size: int, train: bool) -> ShardLoader:
         urls, counts = self._shards(split)
         rank, world = self._rank_world()

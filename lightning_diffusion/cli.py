@@ -123,6 +123,8 @@ def run_lightning(args: list[str]) -> None:
 
             if self.subcommand in ("fit", "validate") and isinstance(self.datamodule, ShardDataModule):
                 self.datamodule.setup(self.subcommand)  # resolves (and caches) the shard lists; no trainer yet
+                if self.subcommand == "fit":
+                    _check_val_interval(self.config[self.subcommand]["trainer"], self.datamodule)
             try:
                 trainer = super().instantiate_trainer(**kwargs)
             except (MisconfigurationException, ValueError) as err:
@@ -131,8 +133,6 @@ def run_lightning(args: list[str]) -> None:
             except ModuleNotFoundError as err:  # a precision (or other) plugin whose package is not installed
                 raise UserError(f"trainer: this setting needs a package that is not installed ({err}); install it or "
                                 "choose another trainer.precision / plugin, e.g. trainer.precision: 32-true") from err
-            if self.subcommand == "fit" and isinstance(self.datamodule, ShardDataModule):
-                _check_val_interval(trainer, self.datamodule)
             seed = self._get(self.config, "seed_everything")
             if seed is not False:
                 logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
@@ -194,12 +194,16 @@ def run_lightning(args: list[str]) -> None:
 
 
 def _check_val_interval(trainer: Any, datamodule: Any) -> None:
-    """An int `val_check_interval` past the end of the epoch fails only when fitting starts: refuse it here."""
-    interval = trainer.val_check_interval
-    if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
+    """An int `trainer.val_check_interval` past the end of the epoch fails only once fitting starts: refuse it here."""
+    interval, limit = trainer.get("val_check_interval"), trainer.get("limit_train_batches")
+    if isinstance(interval, bool) or not isinstance(interval, int) or trainer.get("check_val_every_n_epoch") is None:
         return
-    batches, limit = len(datamodule.train_dataloader()), trainer.limit_train_batches
-    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    ranks = [trainer.get(key) if isinstance(trainer.get(key), int) else 1 for key in ("devices", "num_nodes")]
+    batches = datamodule.train_batches(world=max(1, ranks[0] * ranks[1]))
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
     if interval > batches:
         raise UserError(f"trainer.val_check_interval {interval} is longer than the epoch ({batches} training batches): "
                         f"set trainer.val_check_interval to {batches} or less, or trainer.check_val_every_n_epoch: "

@@ -1,10 +1,11 @@
-"""Ordinary user mistakes (issue 17) as real subprocesses: exit 2, exactly one `error:` line naming the argument or
-file and the fix, no traceback, no new file. Every command: fit, sample, evaluate, compare, pipeline, sweep,
+"""Ordinary user mistakes (issue 17), run from the command line in driver subprocesses: exit 2, exactly one
+`error:` line naming the argument or file and the fix, no traceback, no new file. Every command: fit, sample, evaluate, compare, pipeline, sweep,
 encode-latents, build-emoji, write-shards.
 
-The cases run two at a time (a session fixture; each is ~3-10 s of Python start and imports); one test per case
-then checks its result. Read-only folders are made with chmod 555 and, as root (who may write anywhere), the
-command runs as `nobody`. Valid inputs that used to be refused (a CSV with a byte-order mark, sample keys with
+The cases run in two driver subprocesses at once (tests/user_error_driver.py: the command lines one after the
+other, each with its own working folder and captured stderr, so Python and torch start twice, not 60 times); one
+test per case then checks its result. Read-only folders are made with chmod 555; as root (who may write anywhere)
+those cases are skipped. Valid inputs that used to be refused (a CSV with a byte-order mark, sample keys with
 spaces or non-ASCII letters) and writes that fail half-way (a full disk) are checked in-process at the end.
 """
 
@@ -28,8 +29,8 @@ from PIL import Image
 from test_bad_configs import REPO, Env, Files, files  # noqa: F401 - `files` is the shared checkpoint fixture
 
 pytestmark = pytest.mark.timeout(600)
-NOBODY = 65534
 GPU = torch.cuda.is_available()
+ROOT = "root writes into read-only folders (and `nobody` cannot run this venv's python)" if os.geteuid() == 0 else None
 
 
 @dataclass
@@ -39,7 +40,6 @@ class Case:
     key: str  # the argument or file the message must name
     fix: str  # a piece of the fix the message must give
     entry: str = "lightning_diffusion"  # or data_pipelines
-    read_only: bool = False  # env.out's parent is read-only (as root the command runs as nobody)
     skip: str | None = None
 
 
@@ -124,7 +124,7 @@ CASES = [
                                                         str(blocker(e) / "grid.png")], "blocker", "not a folder"),
     Case("sample out in a read-only folder", lambda e: [*e.sample(e.files.flow_denoiser), "--out",
                                                        str(read_only(e) / "grid.png")], "--out", "not writable",
-         read_only=True),
+         skip=ROOT),
     Case("sample lowres on a model without low-res input", lambda e: e.sample(
         e.files.flow_denoiser, "--lowres", png(e)), "--lowres", "leave out --lowres"),
     Case("sample missing lowres image", lambda e: e.sample(e.files.flow_denoiser, "--lowres", str(e.tmp / "no.png")),
@@ -154,7 +154,7 @@ CASES = [
                                                           str(blocker(e) / "r.json")], "blocker", "not a folder"),
     Case("evaluate out in a read-only folder", lambda e: [*e.evaluate(e.files.vae), "--out",
                                                          str(read_only(e) / "r.json")], "--out", "not writable",
-         read_only=True),
+         skip=ROOT),
     # ---- encode-latents (both entries)
     Case("encode-latents cuda without a GPU", lambda e: encode(e, "--device", "cuda"), "--device", "use cpu",
          skip=NO_GPU),
@@ -167,7 +167,7 @@ CASES = [
     Case("encode-latents prefix with a dot", lambda e: encode(e, "--prefix", "train.v2"), "--prefix", "e.g."),
     Case("encode-latents out is a file", lambda e: encode(e, "--out", str(blocker(e))), "--out", "choose a folder"),
     Case("encode-latents out in a read-only folder", lambda e: encode(e, "--out", str(read_only(e) / "latents")),
-         "--out", "not writable", read_only=True),
+         "--out", "not writable", skip=ROOT),
     # ---- write-shards and build-emoji (python -m data_pipelines)
     Case("write-shards csv not utf-8", lambda e: ["write-shards", manifest(e, "rows.csv", "path,caption\na.png,caf\xe9\n"
                                                                           .encode("latin-1")), "--out", str(e.out)],
@@ -178,7 +178,7 @@ CASES = [
     Case("write-shards out is a file", lambda e: write_shards(e, "--out", str(blocker(e))), "--out",
          "choose a folder", entry="data_pipelines"),
     Case("write-shards out in a read-only folder", lambda e: write_shards(e, "--out", str(read_only(e) / "shards")),
-         "--out", "not writable", entry="data_pipelines", read_only=True),
+         "--out", "not writable", entry="data_pipelines", skip=ROOT),
     Case("write-shards zero resize", lambda e: write_shards(e, "--resize", "0"), "--resize", "at least 1",
          entry="data_pipelines"),
     Case("write-shards shard bytes not a number", lambda e: write_shards(e, "--max-bytes-per-shard", "lots"),
@@ -231,55 +231,50 @@ def _snapshot(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
 
-def _open_to_nobody(path: Path) -> None:
-    """Let `nobody` reach `path` (every folder above it searchable, it and its files readable)."""
-    for part in [path, *path.parents]:
-        if part.exists() and part.stat().st_uid == os.geteuid():
-            part.chmod(part.stat().st_mode | 0o005)
-    for child in path.rglob("*"):
-        child.chmod(child.stat().st_mode | 0o004 | (0o001 if child.is_dir() else 0))
-
-
-def _run(case: Case, files: Files, folder: Path, home: Path) -> tuple[int, str, set[Path]]:
-    env = Env(folder, files)
-    argv = case.args(env)
-    user = None
-    if case.read_only and os.geteuid() == 0:
-        _open_to_nobody(folder)
-        _open_to_nobody(files.root)
-        user = NOBODY
-    before = _snapshot(folder)
+def _run_group(group: list[tuple[Case, Path]], files: Files, home: Path) -> list[tuple[int, str, set[Path]] | Exception]:
+    """One driver subprocess runs the group's cases one after the other (see tests/user_error_driver.py)."""
+    prepared, outcomes = [], []
+    for case, folder in group:
+        try:
+            prepared.append((case.entry, case.args(Env(folder, files)), str(folder)))
+        except Exception as err:  # reported by the case's own test
+            prepared.append(err)
+    befores = [_snapshot(folder) for _, folder in group]
     environ = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)), "HOME": str(home),
                "XDG_CACHE_HOME": str(home / ".cache"), "MPLCONFIGDIR": str(home / "matplotlib")}
-    result = subprocess.run([sys.executable, "-m", case.entry, *argv], cwd=folder, env=environ, capture_output=True,
-                            text=True, timeout=300, user=user, group=user, extra_groups=[] if user else None)
-    return result.returncode, result.stderr, _snapshot(folder) - before
+    runnable = [item for item in prepared if not isinstance(item, Exception)]
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("user_error_driver.py"))],
+                            input=json.dumps(runnable), cwd=home, env=environ, capture_output=True, text=True,
+                            timeout=900)
+    if result.returncode != 0:
+        return [RuntimeError(f"the driver failed: {result.stderr[-2000:]}")] * len(group)
+    answers = iter(json.loads(result.stdout.strip().splitlines()[-1]))
+    for item, (_, folder), before in zip(prepared, group, befores):
+        if isinstance(item, Exception):
+            outcomes.append(item)
+        else:
+            code, err = next(answers)
+            outcomes.append((code, err, _snapshot(folder) - before))
+    return outcomes
 
 
 @pytest.fixture(scope="session")
 def results(files: Files, tmp_path_factory: pytest.TempPathFactory,
             request: pytest.FixtureRequest) -> dict[str, tuple[int, str, set[Path]] | BaseException]:
-    """The (exit code, stderr, new files) of every selected case, two subprocesses at a time."""
+    """The (exit code, stderr, new files) of every selected case: two driver subprocesses, half the cases each."""
     selected = {item.callspec.params["case"].name for item in request.session.items
                 if getattr(item, "callspec", None) is not None and "case" in item.callspec.params}
     runnable = [case for case in CASES if case.skip is None and case.name in selected]
-    folders = [tmp_path_factory.mktemp(re.sub(r"\W+", "_", case.name)) for case in runnable]
-
-    def run(pair: tuple[Case, Path]) -> tuple[int, str, set[Path]] | BaseException:
-        try:
-            return _run(pair[0], files, pair[1], home)
-        except Exception as err:  # reported by the case's own test
-            return err
-
+    pairs = [(case, tmp_path_factory.mktemp(re.sub(r"\W+", "_", case.name))) for case in runnable]
     home = tmp_path_factory.mktemp("home")  # caches (matplotlib's font list) shared by the cases, outside their folders
-    home.chmod(0o777)
     shared_before = _snapshot(files.root)
+    groups = [pairs[0::2], pairs[1::2]]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = list(pool.map(run, zip(runnable, folders)))
-    outcomes_by_name = {case.name: outcome for case, outcome in zip(runnable, outcomes)}
-    outcomes_by_name["__shared__"] = _snapshot(files.root) - shared_before
-    return outcomes_by_name
+        grouped = list(pool.map(lambda group: _run_group(group, files, home), groups))
+    outcomes = {case.name: outcome for group, answers in zip(groups, grouped) for (case, _), outcome in zip(group, answers)}
+    outcomes["__shared__"] = _snapshot(files.root) - shared_before
+    return outcomes
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -358,6 +353,13 @@ def test_encode_latents_keeps_keys_with_spaces_and_non_ascii_letters(files: File
     assert json.loads((out / "manifest.json").read_text())["counts"]["train"]["total"] == 3
 
 
+def _assert_one_error_line(code: int, err: str, text: str) -> None:
+    """In-process, progress bars share stderr: the error is the one `error:` line, the last, with no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err, err
+    assert [line for line in lines if "error:" in line] == lines[-1:] and text in lines[-1], err
+
+
 def _disk_full_after(calls: int, function: Callable) -> Callable:
     count = {"n": 0}
 
@@ -380,7 +382,7 @@ def test_a_full_disk_while_sampling_leaves_the_previous_outputs(files: Files, tm
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     monkeypatch.setattr(sample, "save_png", _disk_full_after(1, sample.save_png))
     code, err = _main([*argv, "--seed", "5"], "lightning_diffusion", capfd)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
+    _assert_one_error_line(code, err, "No space left on device")
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
@@ -397,5 +399,5 @@ def test_a_full_disk_while_writing_shards_leaves_the_previous_shards(tmp_path, m
     before = {path: path.read_bytes() for path in (tmp_path / "out").rglob("*")}
     monkeypatch.setattr(webdataset.TarWriter, "write", _disk_full_after(2, webdataset.TarWriter.write))
     code, err = _main([*argv, "--resize", "4"], "data_pipelines", capfd)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
+    _assert_one_error_line(code, err, "No space left on device")
     assert {path: path.read_bytes() for path in (tmp_path / "out").rglob("*")} == before
