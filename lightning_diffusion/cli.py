@@ -1,7 +1,7 @@
 """Command-line entry: LightningCLI for fit/validate/test/predict, plus the project's own commands.
 
 `python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml` trains any of the three models: model and
-data are chosen by `class_path` in the config. The other commands (sample, evaluate, compare, sweep, pipeline)
+data are chosen by `class_path` in the config. The other commands (sample, evaluate, compare, sweep, export, pipeline, ...)
 live in `lightning_diffusion.commands` and are loaded only when called.
 """
 
@@ -31,6 +31,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("lightning_diffusion.commands.compare", "compare local runs: final/best metrics, differing hyper-parameters, plots"),
     "sweep": ("lightning_diffusion.commands.sweep", "expand a sweep file into a SLURM job array (--dry-run or --submit)"),
     "encode-latents": ("lightning_diffusion.commands.encode_latents", "encode image shards into latent (and text) shards with frozen encoders"),
+    "export": ("lightning_diffusion.commands.export", "write a checkpoint in another library's format (diffusers AutoencoderKL, ...)"),
     "pipeline": ("lightning_diffusion.commands.pipeline", "run the three-stage quickstart: VAE-GAN, CLIP, latents, denoiser, report"),
 }
 

@@ -17,6 +17,11 @@ after each optimiser step, so the second step of a step where the scale changed 
 `latent_scale` (a buffer, saved in checkpoints) is `1 / std` of the posterior samples over the last
 `latent_scale_batches` training batches of all ranks, updated every step: any checkpoint, the final one included,
 carries the scale of its own encoder. `measure_latent_scale(loader, n)` re-measures it on chosen data.
+
+`pretrained: path/to/folder` starts from a diffusers `AutoencoderKL` folder (e.g. Stable Diffusion's VAE) and
+fine-tunes diffusers' own encoder and decoder with the same losses; the network arguments (channels, ...) then do
+not apply, and its config is kept as `pretrained_config`, so the checkpoint reloads without the folder.
+`train_encoder: false` trains the decoder only, so latents (and denoisers trained on them) stay valid.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ from torch import Tensor
 
 from lightning_diffusion.autoencoder.discriminator import PatchDiscriminator
 from lightning_diffusion.autoencoder.distributions import DiagonalGaussian
+from lightning_diffusion.autoencoder.frozen_autoencoder import LatentScaling
 from lightning_diffusion.autoencoder.latent_scale import latent_moments, scale_from_moments
 from lightning_diffusion.autoencoder.losses import (
     GANLoss, adaptive_weight, discriminator_loss, generator_loss, reconstruction_loss,
 )
-from lightning_diffusion.autoencoder.networks import Decoder, Encoder
+from lightning_diffusion.autoencoder.networks import Decoder, DownsamplePadding, Encoder
 from lightning_diffusion.autoencoder.perceptual import PerceptualName, check_perceptual, log_name, make_perceptual
 from lightning_diffusion.autoencoder.validation import ReconstructionMetrics
 from lightning_diffusion.errors import UserError, check_positive
@@ -74,7 +80,7 @@ def _own_hyperparameters() -> Iterator[None]:
         _given_hyperparameters.reset(token)
 
 
-class VAEGAN(LightningModule):
+class VAEGAN(LatentScaling, LightningModule):
     """Encoder -> diagonal Gaussian posterior -> decoder, trained with reconstruction, perceptual, KL and GAN losses."""
 
     def __init__(
@@ -89,6 +95,10 @@ class VAEGAN(LightningModule):
         decoder_num_blocks: int | None = None,
         mid_attention: bool = True,
         dropout: float = 0.0,
+        downsample_padding: DownsamplePadding = "symmetric",
+        pretrained: str | None = None,
+        pretrained_config: dict[str, Any] | None = None,
+        train_encoder: bool = True,
         reconstruction: Literal["l1", "l2"] = "l1",
         perceptual: PerceptualName = "effnet",
         perceptual_weight: float = 1.0,
@@ -117,19 +127,30 @@ class VAEGAN(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_perceptual(perceptual)
-        factor = 2 ** (len(channel_mults) - 1)
+        if pretrained or pretrained_config:
+            from lightning_diffusion.autoencoder.diffusers_vae import pretrained_networks
+
+            self.encoder, self.decoder, config = pretrained_networks(pretrained, pretrained_config)
+            self.hparams["pretrained_config"] = config
+            if config["in_channels"] != in_channels:
+                raise UserError(f"model.in_channels {in_channels} differs from the {config['in_channels']} of "
+                                f"model.pretrained {pretrained}: set model.in_channels: {config['in_channels']}")
+        else:
+            self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention,
+                                   dropout, downsample_padding)
+            self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
+                                   decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
+        factor = self.downsampling_factor
         if image_size % factor:
             raise UserError(f"model.image_size {image_size} is not divisible by the downsampling factor {factor} of "
-                            f"model.channel_mults {list(channel_mults)}: use a multiple of {factor} (e.g. "
-                            f"{max(factor, image_size // factor * factor)}) or fewer model.channel_mults")
+                            f"the network (model.channel_mults or model.pretrained): use a multiple of {factor} (e.g. "
+                            f"{max(factor, image_size // factor * factor)})")
         if disc_loss == "hinge" and real_label != 1.0:
             raise UserError("model.real_label (one-sided label smoothing) needs model.disc_loss: non_saturating")
         self.automatic_optimization = False
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "VAE-GAN",
                                         "lower model.lr or set model.grad_clip, use bf16-mixed rather than 16-mixed")
-        self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention, dropout)
-        self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
-                               decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
+        self.encoder.requires_grad_(train_encoder)
         self.discriminator = PatchDiscriminator(in_channels, disc_channels, disc_layers)
         self.register_buffer("latent_scale", torch.tensor(1.0))
         # per training step [sum z, sum z^2, count] over all ranks, a ring of the last `latent_scale_batches` steps
@@ -158,23 +179,32 @@ class VAEGAN(LightningModule):
         return self.decode(self.encode(images).mode()).clamp(-1, 1)
 
     @property
+    def downsampling_factor(self) -> int:
+        config = self.hparams.get("pretrained_config")
+        return 2 ** (len(config["block_out_channels"] if config else self.hparams.channel_mults) - 1)
+
+    @property
+    def default_image_size(self) -> int:
+        return int(self.hparams.image_size)
+
+    @property
     def latent_scale_measured(self) -> bool:
         return bool(self.latent_window[:, 2].sum() > 0)
 
     @classmethod
-    def load_frozen(cls, path: str | Path) -> "VAEGAN":
+    def load_frozen(cls, path: str | Path, key: str = "model.vae_checkpoint") -> "VAEGAN":
         """The autoencoder of a checkpoint, in eval mode with gradients off (weights_only loading)."""
         from lightning_diffusion.training.checkpoints import load_checkpoint
 
-        checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key="model.vae_checkpoint")
+        checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key=key)
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
         try:
             with _own_hyperparameters():
                 model = cls(**hparams)
             model.load_state_dict(checkpoint["state_dict"], strict=True)
         except (TypeError, KeyError, RuntimeError) as err:
-            raise UserError(f"'{path}' is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): "
-                            "point model.vae_checkpoint at a checkpoint of the vae_gan stage") from err
+            raise UserError(f"'{path}' ({key}) is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): point it at "
+                            "a checkpoint of the vae_gan stage or a diffusers AutoencoderKL folder") from err
         if not model.latent_scale_measured:
             warnings.warn(f"VAE-GAN checkpoint '{path}' has no measured latent_scale (it was saved before any "
                           "training step); using 1.0. Call measure_latent_scale(loader, num_batches) to set it.",
@@ -294,7 +324,7 @@ class VAEGAN(LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = tuple(self.hparams.betas)
-        autoencoder = list(self.encoder.parameters()) + list(self.decoder.parameters())
+        autoencoder = [p for p in [*self.encoder.parameters(), *self.decoder.parameters()] if p.requires_grad]
         return [
             torch.optim.Adam(autoencoder, lr=self.hparams.lr, betas=betas),
             torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.disc_lr or self.hparams.lr, betas=betas),

@@ -1,7 +1,7 @@
 """`evaluate --ckpt C --data D --metrics fid,kid,... --num-samples N`: score a checkpoint, print a table, write JSON.
 
-VAE-GAN checkpoints get reconstruction metrics (PSNR, SSIM, LPIPS, the EfficientNet-Lite0 perceptual distance,
-Fréchet/kernel distance of reconstructions),
+VAE-GAN checkpoints and diffusers AutoencoderKL folders get reconstruction metrics (PSNR, SSIM, LPIPS, the
+EfficientNet-Lite0 perceptual distance, Fréchet/kernel distance of reconstructions),
 denoiser checkpoints metrics of generated samples (Fréchet/kernel distance, CLIP score); see
 `lightning_diffusion.metrics.evaluation`. The Fréchet encoder is Inception-v3 when its weights file is present
 (`auto`), else EfficientNet-Lite0 (or `--encoder clip` with `--clip-ckpt`); the key names the one used. Real-data
@@ -30,7 +30,8 @@ METRIC_CHOICES = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim", "clip_sco
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, type=Path, help="Lightning checkpoint to score")
+    parser.add_argument("--ckpt", required=True, type=Path,
+                        help="Lightning checkpoint to score (or a diffusers AutoencoderKL folder)")
     parser.add_argument("--data", required=True, nargs="+", help="shard URL patterns (e.g. 'data/emoji/val-*.tar')")
     parser.add_argument("--metrics", default="fid,psnr,ssim", help=f"comma-separated, from {', '.join(METRIC_CHOICES)}")
     parser.add_argument("--num-samples", type=int, default=1000, help="images scored (all ranks together)")
@@ -81,6 +82,10 @@ def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torc
     """
     import importlib
 
+    if ckpt.is_dir():  # a pretrained autoencoder folder: its reconstructions are scored
+        from lightning_diffusion.autoencoder.diffusers_vae import DiffusersVAE
+
+        return DiffusersVAE.from_folder(ckpt, "--ckpt").to(device)
     checkpoint = load_checkpoint(ckpt, what="model checkpoint", key="--ckpt")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     class_path = class_path or find_model_class(ckpt, hparams)
@@ -168,7 +173,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     task = model_task(model)
     check_metrics(task, metrics)
     options = generation_options(args, model, task)
-    image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size", 64))
+    image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size",
+                                                                          getattr(model, "default_image_size", 64)))
 
     suite, encoder_name, real_cached = None, None, None
     frechet_metrics = tuple(m for m in metrics if m in ("fid", "kid"))

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=16, help="samples per row")
     parser.add_argument("--out", default="samples/grid.png", help="grid PNG; single images go to a folder beside it")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--vae-checkpoint", default=None, help="override the VAE-GAN path stored in the checkpoint")
+    parser.add_argument("--vae-checkpoint", default=None,
+                        help="override the VAE path stored in the checkpoint (VAE-GAN .ckpt or AutoencoderKL folder)")
     parser.add_argument("--clip-checkpoint", default=None, help="override the CLIP path stored in the checkpoint")
 
 
@@ -57,9 +58,9 @@ def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
     model = Denoiser(**kwargs)
     trained = checkpoint["state_dict"].get("unet.out.2.weight")  # [sample channels, C, 3, 3]
     if trained is not None and trained.shape[0] != model.sample_shape[0]:
-        raise UserError(f"the VAE-GAN '{kwargs.get('vae_checkpoint')}' gives {model.sample_shape[0]} latent channels "
-                        f"but the denoiser '{path}' was trained on {trained.shape[0]}: pass the VAE-GAN checkpoint it "
-                        "was trained with (--vae-checkpoint)")
+        raise UserError(f"the VAE '{kwargs.get('vae_checkpoint')}' gives {model.sample_shape[0]} latent channels "
+                        f"but the denoiser '{path}' was trained on {trained.shape[0]}: pass the VAE it was trained "
+                        "with (--vae-checkpoint)")
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
