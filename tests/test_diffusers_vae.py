@@ -226,3 +226,20 @@ def test_a_safetensors_folder_never_unpickles(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(torch, "load", no_pickles)
     load_frozen_autoencoder(tmp_path / "vae")
+
+
+def test_evaluate_scores_the_reconstructions_of_a_folder(tmp_path: Path) -> None:
+    from checkpoint_support import write_image_shards
+    from test_encode_latents import read_all
+
+    reference = tiny_autoencoder_kl(tmp_path / "vae")
+    shards = write_image_shards(tmp_path / "shards", count=4)
+    assert main(["evaluate", "--ckpt", str(tmp_path / "vae"), "--data", shards, "--metrics", "psnr,ssim",
+                 "--num-samples", "4", "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["task"] == "reconstruction" and result["image_size"] == 16  # the folder's sample_size
+    x = read_all(shards, [], ["png"])["image"]
+    with torch.no_grad():
+        reconstruction = reference.decode(reference.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = ((x - reconstruction) / 2).pow(2).flatten(1).mean(1).double()
+    assert result["metrics"]["psnr@4"] == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), rel=1e-4)
