@@ -1,8 +1,8 @@
 """Command-line entry: LightningCLI for fit/validate/test/predict, plus the project's own commands.
 
 `python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml` trains any of the three models: model and
-data are chosen by `class_path` in the config. The other commands (sample, evaluate, compare, sweep, export, pipeline, ...)
-live in `lightning_diffusion.commands` and are loaded only when called.
+data are chosen by `class_path` in the config. The other commands (sample, evaluate, compare, sweep, export,
+pipeline, ...) live in `lightning_diffusion.commands` and are loaded only when called.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from lightning_diffusion.autoencoder.distributions import DiagonalGaussian
 from lightning_diffusion.autoencoder.frozen_autoencoder import WEIGHT_FILES, LatentScaling
 from lightning_diffusion.errors import UserError
 
-LAYOUT = "a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors, as save_pretrained writes)"
+LAYOUT = ("a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors, as save_pretrained "
+          "writes)")
 
 
 def autoencoder_kl_class() -> type:
