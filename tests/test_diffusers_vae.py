@@ -243,3 +243,15 @@ def test_evaluate_scores_the_reconstructions_of_a_folder(tmp_path: Path) -> None
         reconstruction = reference.decode(reference.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     mse = ((x - reconstruction) / 2).pow(2).flatten(1).mean(1).double()
     assert result["metrics"]["psnr@4"] == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), rel=1e-4)
+
+
+def test_a_bad_pretrained_folder_is_a_user_error_naming_model_pretrained(tmp_path: Path) -> None:
+    from lightning_diffusion.autoencoder import VAEGAN
+
+    with pytest.raises(UserError, match=r"model.pretrained '.*missing' is not a folder: expected a diffusers"):
+        VAEGAN(image_size=16, pretrained=str(tmp_path / "missing"), perceptual="none")
+    tiny_autoencoder_kl(tmp_path / "vae")
+    with pytest.raises(UserError, match="model.in_channels 1 differs from the 3 of model.pretrained"):
+        VAEGAN(image_size=16, in_channels=1, pretrained=str(tmp_path / "vae"), perceptual="none")
+    with pytest.raises(UserError, match="model.image_size 15 is not divisible by the downsampling factor 2"):
+        VAEGAN(image_size=15, pretrained=str(tmp_path / "vae"), perceptual="none")
