@@ -255,3 +255,29 @@ def test_a_bad_pretrained_folder_is_a_user_error_naming_model_pretrained(tmp_pat
         VAEGAN(image_size=16, in_channels=1, pretrained=str(tmp_path / "vae"), perceptual="none")
     with pytest.raises(UserError, match="model.image_size 15 is not divisible by the downsampling factor 2"):
         VAEGAN(image_size=15, pretrained=str(tmp_path / "vae"), perceptual="none")
+
+
+@pytest.mark.parametrize(("base", "overlay"), [("latent_text_tiny", "sd_vae_tiny"), ("ldm_base", "sd_vae_base")])
+def test_the_sd_vae_overlays_change_only_the_vae_and_the_run_folder(base: str, overlay: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Merged with its base, an overlay names the folder and moves every output to its own run folder; its callbacks
+    are the base's otherwise (so the overlay follows its base)."""
+    import yaml
+
+    folder = REPO / "configs" / "denoiser"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(folder / f"{base}.yaml"), "--config", str(folder / f"{overlay}.yaml"),
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    merged = yaml.safe_load(capsys.readouterr().out)
+    original = yaml.safe_load((folder / f"{base}.yaml").read_text())
+    assert merged["model"]["init_args"]["vae_checkpoint"] == "pretrained/sd-vae-ft-ema"
+    root = merged["trainer"]["default_root_dir"]
+    assert root == f"runs/denoiser_{overlay}" != original["trainer"]["default_root_dir"]
+    callbacks = merged["trainer"]["callbacks"]
+    assert [c["class_path"] for c in callbacks] == [c["class_path"] for c in original["trainer"]["callbacks"]]
+    for mine, theirs in zip(callbacks, original["trainer"]["callbacks"]):
+        args = {k: v for k, v in (theirs.get("init_args") or {}).items() if k != "dirpath"}
+        assert {k: mine["init_args"][k] for k in args} == args
+        if "dirpath" in mine["init_args"] and mine["init_args"]["dirpath"]:
+            assert mine["init_args"]["dirpath"].startswith(root + "/")
