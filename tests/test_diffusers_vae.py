@@ -178,16 +178,30 @@ def test_the_vae_gan_fine_tunes_a_pretrained_folder_and_reloads_without_it(tmp_p
     assert float(reloaded.latent_scale) == float(model.latent_scale)
 
 
-def test_train_encoder_false_keeps_the_latent_space(tmp_path: Path) -> None:
+def test_a_decoder_only_fine_tune_keeps_the_latent_space_and_its_scale(tmp_path: Path) -> None:
+    """`train_encoder: false`: the encoder and the folder's scaling_factor/shift_factor stay, so the export is a
+    drop-in replacement: the same scaled latents as the original folder, a changed decoder."""
     from lightning_diffusion.autoencoder import VAEGAN
 
-    tiny_autoencoder_kl(tmp_path / "vae")
+    tiny_autoencoder_kl(tmp_path / "vae", scaling_factor=0.5, shift_factor=0.1)
     model = VAEGAN(image_size=16, pretrained=str(tmp_path / "vae"), train_encoder=False, perceptual="none",
                    disc_start=0, disc_channels=8, disc_layers=1, val_frechet=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer(tmp_path, max_steps=2).fit(model, loader({"image": images(4)}, 2))
+    fit = trainer(tmp_path, max_steps=2)
+    fit.fit(model, loader({"image": images(4)}, 2))
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert "decoder" in changed and "encoder" not in changed
+    assert (float(model.latent_scale), model.latent_shift) == (0.5, pytest.approx(0.1))
+    fit.save_checkpoint(tmp_path / "tuned.ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "tuned.ckpt"), "--format", "diffusers", "--out",
+                 str(tmp_path / "out")]) == 0
+    original, exported = load_frozen_autoencoder(tmp_path / "vae"), load_frozen_autoencoder(tmp_path / "out")
+    x = images()
+    with torch.no_grad():
+        latents = original.scale_latents(original.encode(x).mode())
+        torch.testing.assert_close(exported.scale_latents(exported.encode(x).mode()), latents, rtol=0, atol=1e-6)
+        assert not torch.allclose(exported.decode(original.unscale_latents(latents)),
+                                  original.decode(original.unscale_latents(latents)), atol=1e-4)
 
 
 def test_the_fine_tune_config_trains_on_cpu_with_a_tiny_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,8 @@ Depths need not match: diffusers' decoder has one ResNet block per level more th
 are filled with identity blocks (`conv2` zero, so `x + 0`), which is exact. The single-head attention's fused 1x1
 `qkv` convolution splits into diffusers' `to_q`/`to_k`/`to_v` linear layers.
 A VAE-GAN fine-tuned from a diffusers folder (`model.pretrained`) already is diffusers' network: its weights are copied.
-`scaling_factor` is the VAE-GAN's measured `latent_scale` (no `shift_factor`), so diffusers scales as we do.
+`scaling_factor` is the VAE-GAN's `latent_scale` (measured, or the folder's for a decoder-only fine-tune, which
+also keeps its `shift_factor`), so diffusers scales as we do.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def klf_state_dict(vae: nn.Module, autoencoder: nn.Module) -> dict[str, Tensor]:
 def to_autoencoder_kl(vae: nn.Module) -> nn.Module:
     """The VAE-GAN as an `AutoencoderKL` (float32, eval) with `scaling_factor` = its `latent_scale`."""
     cls = autoencoder_kl_class()
-    scaling = {"scaling_factor": float(vae.latent_scale), "shift_factor": None}
+    scaling = {"scaling_factor": float(vae.latent_scale), "shift_factor": vae.latent_shift or None}
     pretrained = vae.hparams.get("pretrained_config")
     if pretrained:
         autoencoder = cls.from_config({**pretrained, **scaling})
@@ -169,5 +170,6 @@ def export_vae_gan(ckpt: Path, out: Path) -> str:
     if difference > 1e-4:
         raise RuntimeError(f"the exported AutoencoderKL differs from the VAE-GAN by {difference:.3g}")
     autoencoder.save_pretrained(str(out), safe_serialization=True)
-    return (f"AutoencoderKL with scaling_factor {float(vae.latent_scale):.6g} (max |difference| to the VAE-GAN "
-            f"{difference:.2g})")
+    shift = f", shift_factor {vae.latent_shift:.6g}" if vae.latent_shift else ""
+    return (f"AutoencoderKL with scaling_factor {float(vae.latent_scale):.6g}{shift} (max |difference| to the "
+            f"VAE-GAN {difference:.2g})")

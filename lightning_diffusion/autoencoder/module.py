@@ -21,7 +21,8 @@ carries the scale of its own encoder. `measure_latent_scale(loader, n)` re-measu
 `pretrained: path/to/folder` starts from a diffusers `AutoencoderKL` folder (e.g. Stable Diffusion's VAE) and
 fine-tunes diffusers' own encoder and decoder with the same losses; the network arguments (channels, ...) then do
 not apply, and its config is kept as `pretrained_config`, so the checkpoint reloads without the folder.
-`train_encoder: false` trains the decoder only, so latents (and denoisers trained on them) stay valid.
+`train_encoder: false` trains the decoder only: the latent space is the folder's, so its `scaling_factor` (and
+`shift_factor`) are kept as `latent_scale` (`latent_shift`), and denoisers trained on it stay valid.
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ class VAEGAN(LatentScaling, LightningModule):
         self.register_buffer("latent_scale", torch.tensor(1.0))
         # per training step [sum z, sum z^2, count] over all ranks, a ring of the last `latent_scale_batches` steps
         self.register_buffer("latent_window", torch.zeros(latent_scale_batches, 3, dtype=torch.float64))
+        config = self.hparams.get("pretrained_config")
+        self.fixed_scale = bool(config) and not train_encoder  # the folder's latent space: keep its published scale
+        if self.fixed_scale:
+            self.latent_scale.fill_(float(config["scaling_factor"]))
+            self.latent_shift = float(config.get("shift_factor") or 0.0)
         self._perceptual: list[torch.nn.Module | None] = []  # a list keeps the frozen network off the module tree
         self._val_metrics: ReconstructionMetrics | None = None
         self._val_images: tuple[Tensor, Tensor] | None = None
@@ -189,7 +195,7 @@ class VAEGAN(LatentScaling, LightningModule):
 
     @property
     def latent_scale_measured(self) -> bool:
-        return bool(self.latent_window[:, 2].sum() > 0)
+        return self.fixed_scale or bool(self.latent_window[:, 2].sum() > 0)
 
     @classmethod
     def load_frozen(cls, path: str | Path, key: str = "model.vae_checkpoint") -> "VAEGAN":
@@ -311,7 +317,8 @@ class VAEGAN(LatentScaling, LightningModule):
         if self.nonfinite.skip_step(float(stats[3]), self.global_step, values):
             return True
         self.latent_window[self.global_step % self.latent_window.shape[0]] = stats[:3]
-        self.latent_scale.fill_(scale_from_moments(self.latent_window).item())
+        if not self.fixed_scale:
+            self.latent_scale.fill_(scale_from_moments(self.latent_window).item())
         return False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
