@@ -1,6 +1,6 @@
 """The conditional denoiser as a LightningModule: pixel or latent space, text / class / low-res conditions.
 
-One training step: data ``x0`` (pixels, or scaled latents of the frozen autoencoder: VAE-GAN or diffusers), a condition
+One training step: data ``x0`` (pixels, or scaled latents of the frozen VAE-GAN / diffusers VAE), a condition
 (frozen text-encoder states, a class label, a low-res copy of the image), classifier-free dropping of the
 condition to the null condition with probability ``p_uncond``, then the objective's regression loss
 (``eps``/``v``/``x0`` under a VP schedule, or rectified-flow velocity). Sampling lives in :meth:`generate`, which
@@ -215,7 +215,7 @@ class Denoiser(LightningModule):
         return self.make_condition(batch.get("caption"), batch.get("label"), lowres, batch.get("tokens"), stored)
 
     def setup(self, stage: str) -> None:
-        """Before fitting on pre-encoded shards, check they come from this model's frozen autoencoder / text encoder."""
+        """Before fitting on pre-encoded shards, check they come from this model's frozen autoencoder / text tower."""
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if stage != "fit" or not hasattr(data, "shard_urls"):
             return

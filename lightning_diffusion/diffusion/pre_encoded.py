@@ -3,9 +3,9 @@ encoders, and the text condition read from them instead of running the text towe
 
 `encode-latents` records in its `manifest.json`, per split, the sha256 of the VAE-GAN checkpoint, or of a diffusers
 AutoencoderKL folder's config.json + weights (`autoencoder_sha256`), and of the CLIP checkpoint whose text tower
-wrote `text_emb.npy`/`text_pooled.npy`, and the latent shape. Latents of another VAE
-would train the denoiser in a space its decoder does not read, silently; so before the first step every shard
-folder's record is compared with the files the denoiser's `model.vae_checkpoint`/`model.clip_checkpoint` name.
+wrote `text_emb.npy`/`text_pooled.npy`, and the latent shape. Latents of another VAE would train the denoiser in a
+space its decoder does not read, silently; so before the first step every shard folder's record is compared with
+the files the denoiser's `model.vae_checkpoint`/`model.clip_checkpoint` name.
 """
 
 from __future__ import annotations
