@@ -141,3 +141,23 @@ def test_an_unsafe_checkpoint_is_refused_before_export(tmp_path: Path, capsys: p
     torch.save({"hyper_parameters": {"disc_start": RunsCode()}, "state_dict": {}}, tmp_path / "evil.ckpt")
     assert export(tmp_path / "evil.ckpt", tmp_path / "out") == 2
     assert "was refused" in capsys.readouterr().err and not (tmp_path / "marker").exists()
+
+
+def test_export_autoencoder_resaves_a_bin_folder_as_safetensors_and_converts_a_vae_gan(tmp_path: Path) -> None:
+    """The helper a denoiser export uses for its `vae/` part, whatever the denoiser's autoencoder is."""
+    from diffusers import AutoencoderKL
+
+    from lightning_diffusion.autoencoder.diffusers_export import export_autoencoder
+
+    reference = tiny_autoencoder_kl(tmp_path / "sd", shift_factor=0.1, safe=False)
+    export_autoencoder(tmp_path / "sd", tmp_path / "copy")
+    assert sorted(os.listdir(tmp_path / "copy")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    copy = AutoencoderKL.from_pretrained(str(tmp_path / "copy")).eval()
+    assert copy.config.shift_factor == pytest.approx(0.1)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(copy.encode(x).latent_dist.mean, reference.encode(x).latent_dist.mean,
+                                   rtol=0, atol=0)
+    ckpt = vae_gan_checkpoint(tmp_path / "vae.ckpt")
+    export_autoencoder(ckpt, tmp_path / "converted")
+    assert_same_as_diffusers(ckpt, tmp_path / "converted")

@@ -160,6 +160,17 @@ def max_difference(vae: nn.Module, autoencoder: nn.Module, seed: int = 0) -> flo
                (vae.decode(z) - autoencoder.decode(z).sample).abs().max().item())
 
 
+def export_autoencoder(path: str | Path, out: Path) -> str:
+    """Any frozen autoencoder (a VAE-GAN checkpoint, or an `AutoencoderKL` folder, re-saved as safetensors) as an
+    `AutoencoderKL` folder `out`: the `vae/` part of a denoiser's diffusers export, say. Returns a summary line."""
+    if Path(path).is_dir():
+        from lightning_diffusion.autoencoder.diffusers_vae import load_autoencoder_kl
+
+        load_autoencoder_kl(path, key="--ckpt").save_pretrained(str(out), safe_serialization=True)
+        return f"AutoencoderKL copied from {path}"
+    return export_vae_gan(Path(path), out)
+
+
 def export_vae_gan(ckpt: Path, out: Path) -> str:
     """Write the VAE-GAN checkpoint `ckpt` as an `AutoencoderKL` folder `out` (safetensors); a summary line."""
     from lightning_diffusion.autoencoder.module import VAEGAN
