@@ -295,3 +295,13 @@ def test_the_sd_vae_overlays_change_only_the_vae_and_the_run_folder(base: str, o
         assert {k: mine["init_args"][k] for k in args} == args
         if "dirpath" in mine["init_args"] and mine["init_args"]["dirpath"]:
             assert mine["init_args"]["dirpath"].startswith(root + "/")
+
+
+def test_without_diffusers_a_folder_is_one_line_naming_the_package(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    tiny_autoencoder_kl(tmp_path / "vae")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    with pytest.raises(UserError, match=r"diffusers is not installed .*pip install 'diffusers>=0.42,<0.43'"):
+        load_frozen_autoencoder(tmp_path / "vae")
