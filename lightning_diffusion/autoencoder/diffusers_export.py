@@ -175,7 +175,7 @@ def export_vae_gan(ckpt: Path, out: Path) -> str:
     """Write the VAE-GAN checkpoint `ckpt` as an `AutoencoderKL` folder `out` (safetensors); a summary line."""
     from lightning_diffusion.autoencoder.module import VAEGAN
 
-    vae = VAEGAN.load_frozen(ckpt, "--ckpt").float()
+    vae = VAEGAN.load_frozen(ckpt).float()
     autoencoder = to_autoencoder_kl(vae)
     difference = max_difference(vae, autoencoder)
     if difference > 1e-4:

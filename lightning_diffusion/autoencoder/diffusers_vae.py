@@ -112,13 +112,25 @@ class KLDecoder(nn.Module):
         return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
 
-def pretrained_networks(folder: str | None, config: dict[str, Any] | None) -> tuple[KLEncoder, KLDecoder, dict]:
-    """Encoder, decoder and config of an `AutoencoderKL`: the folder's weights (`model.pretrained`), or, when
-    reloading a checkpoint, an architecture built from its stored `config` (the weights come from the checkpoint)."""
+def network_levels(channel_mults: list[int], folder: str | None, config: dict[str, Any] | None) -> int:
+    """Resolution levels of a VAE-GAN's network: the kl-f one's, or the pretrained folder's (config.json only)."""
+    if config is None and folder:
+        config = read_config(folder, "model.pretrained")[0]
+    return len(config["block_out_channels"] if config else channel_mults)
+
+
+def pretrained_networks(folder: str | None, config: dict[str, Any] | None,
+                        in_channels: int) -> tuple[KLEncoder, KLDecoder, dict]:
+    """Encoder, decoder and config of an `AutoencoderKL` for the VAE-GAN (`model.pretrained`): the folder's weights,
+    or, when a checkpoint is reloaded, the architecture of its stored config (`model.pretrained_config`; the weights
+    come from the checkpoint, so the folder is not needed)."""
     if config is not None:
         model = autoencoder_kl_class().from_config(config)
     else:
         model = load_autoencoder_kl(folder, key="model.pretrained")
+    if model.config.in_channels != in_channels:
+        raise UserError(f"model.in_channels {in_channels} differs from the {model.config.in_channels} of "
+                        f"model.pretrained {folder}: set model.in_channels: {model.config.in_channels}")
     model.train()  # from_pretrained returns eval mode; the VAE-GAN trains it
     return KLEncoder(model), KLDecoder(model), plain_config(model)
 

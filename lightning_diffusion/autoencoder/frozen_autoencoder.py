@@ -73,7 +73,7 @@ def load_frozen_autoencoder(path: str | Path, key: str = "model.vae_checkpoint")
         return DiffusersVAE.from_folder(path, key)
     from lightning_diffusion.autoencoder.module import VAEGAN
 
-    return VAEGAN.load_frozen(path, key)
+    return VAEGAN.load_frozen(path)
 
 
 def _hash_file(digest: Any, path: Path) -> None:

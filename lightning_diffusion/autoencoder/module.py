@@ -18,11 +18,8 @@ after each optimiser step, so the second step of a step where the scale changed 
 `latent_scale_batches` training batches of all ranks, updated every step: any checkpoint, the final one included,
 carries the scale of its own encoder. `measure_latent_scale(loader, n)` re-measures it on chosen data.
 
-`pretrained: path/to/folder` starts from a diffusers `AutoencoderKL` folder (e.g. Stable Diffusion's VAE) and
-fine-tunes diffusers' own encoder and decoder with the same losses; the network arguments (channels, ...) then do
-not apply, and its config is kept as `pretrained_config`, so the checkpoint reloads without the folder.
-`train_encoder: false` trains the decoder only: the latent space is the folder's, so its `scaling_factor` (and
-`shift_factor`) are kept as `latent_scale` (`latent_shift`), and denoisers trained on it stay valid.
+`pretrained: folder` fine-tunes a diffusers `AutoencoderKL` (see `diffusers_vae`; the network arguments then do not
+apply); `train_encoder: false` trains the decoder only and keeps the folder's scaling_factor/shift_factor.
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from lightning_diffusion.autoencoder.discriminator import PatchDiscriminator
+from lightning_diffusion.autoencoder.diffusers_vae import network_levels, pretrained_networks
 from lightning_diffusion.autoencoder.distributions import DiagonalGaussian
 from lightning_diffusion.autoencoder.frozen_autoencoder import LatentScaling
 from lightning_diffusion.autoencoder.latent_scale import latent_moments, scale_from_moments
@@ -128,20 +126,7 @@ class VAEGAN(LatentScaling, LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_perceptual(perceptual)
-        if pretrained or pretrained_config:
-            from lightning_diffusion.autoencoder.diffusers_vae import pretrained_networks
-
-            self.encoder, self.decoder, config = pretrained_networks(pretrained, pretrained_config)
-            self.hparams["pretrained_config"] = config
-            if config["in_channels"] != in_channels:
-                raise UserError(f"model.in_channels {in_channels} differs from the {config['in_channels']} of "
-                                f"model.pretrained {pretrained}: set model.in_channels: {config['in_channels']}")
-        else:
-            self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention,
-                                   dropout, downsample_padding)
-            self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
-                                   decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
-        factor = self.downsampling_factor
+        factor = 2 ** (network_levels(channel_mults, pretrained, pretrained_config) - 1)
         if image_size % factor:
             raise UserError(f"model.image_size {image_size} is not divisible by the downsampling factor {factor} of "
                             f"the network (model.channel_mults or model.pretrained): use a multiple of {factor} (e.g. "
@@ -151,11 +136,19 @@ class VAEGAN(LatentScaling, LightningModule):
         self.automatic_optimization = False
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "VAE-GAN",
                                         "lower model.lr or set model.grad_clip, use bf16-mixed rather than 16-mixed")
-        self.encoder.requires_grad_(train_encoder)
+        if pretrained or pretrained_config:  # diffusers' AutoencoderKL network and weights (see the module doc)
+            self.encoder, self.decoder, self.hparams["pretrained_config"] = pretrained_networks(
+                pretrained, pretrained_config, in_channels)
+        else:
+            self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention,
+                                   dropout, downsample_padding)
+            self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
+                                   decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
         self.discriminator = PatchDiscriminator(in_channels, disc_channels, disc_layers)
         self.register_buffer("latent_scale", torch.tensor(1.0))
         # per training step [sum z, sum z^2, count] over all ranks, a ring of the last `latent_scale_batches` steps
         self.register_buffer("latent_window", torch.zeros(latent_scale_batches, 3, dtype=torch.float64))
+        self.encoder.requires_grad_(train_encoder)
         config = self.hparams.get("pretrained_config")
         self.fixed_scale = bool(config) and not train_encoder  # the folder's latent space: keep its published scale
         if self.fixed_scale:
@@ -186,8 +179,7 @@ class VAEGAN(LatentScaling, LightningModule):
 
     @property
     def downsampling_factor(self) -> int:
-        config = self.hparams.get("pretrained_config")
-        return 2 ** (len(config["block_out_channels"] if config else self.hparams.channel_mults) - 1)
+        return 2 ** (network_levels(self.hparams.channel_mults, None, self.hparams.get("pretrained_config")) - 1)
 
     @property
     def default_image_size(self) -> int:
@@ -198,19 +190,20 @@ class VAEGAN(LatentScaling, LightningModule):
         return self.fixed_scale or bool(self.latent_window[:, 2].sum() > 0)
 
     @classmethod
-    def load_frozen(cls, path: str | Path, key: str = "model.vae_checkpoint") -> "VAEGAN":
+    def load_frozen(cls, path: str | Path) -> "VAEGAN":
         """The autoencoder of a checkpoint, in eval mode with gradients off (weights_only loading)."""
         from lightning_diffusion.training.checkpoints import load_checkpoint
 
-        checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key=key)
+        checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key="model.vae_checkpoint")
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
         try:
             with _own_hyperparameters():
                 model = cls(**hparams)
             model.load_state_dict(checkpoint["state_dict"], strict=True)
         except (TypeError, KeyError, RuntimeError) as err:
-            raise UserError(f"'{path}' ({key}) is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): point it at "
-                            "a checkpoint of the vae_gan stage or a diffusers AutoencoderKL folder") from err
+            raise UserError(f"'{path}' is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): point "
+                            "model.vae_checkpoint at a checkpoint of the vae_gan stage or an AutoencoderKL "
+                            "folder") from err
         if not model.latent_scale_measured:
             warnings.warn(f"VAE-GAN checkpoint '{path}' has no measured latent_scale (it was saved before any "
                           "training step); using 1.0. Call measure_latent_scale(loader, num_batches) to set it.",

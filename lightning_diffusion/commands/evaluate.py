@@ -82,10 +82,6 @@ def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torc
     """
     import importlib
 
-    if ckpt.is_dir():  # a pretrained autoencoder folder: its reconstructions are scored
-        from lightning_diffusion.autoencoder.diffusers_vae import DiffusersVAE
-
-        return DiffusersVAE.from_folder(ckpt, "--ckpt").to(device)
     checkpoint = load_checkpoint(ckpt, what="model checkpoint", key="--ckpt")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     class_path = class_path or find_model_class(ckpt, hparams)
@@ -169,7 +165,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         device = torch.device(args.device)
     started = time.perf_counter()
-    model = load_model(args.ckpt, args.model_class, device)
+    if args.ckpt.is_dir():  # a diffusers AutoencoderKL folder: its reconstructions are scored
+        from lightning_diffusion.autoencoder.diffusers_vae import DiffusersVAE
+
+        model = DiffusersVAE.from_folder(args.ckpt, "--ckpt").to(device)
+    else:
+        model = load_model(args.ckpt, args.model_class, device)
     task = model_task(model)
     check_metrics(task, metrics)
     options = generation_options(args, model, task)
