@@ -111,11 +111,16 @@ def test_a_denoiser_trains_and_samples_in_the_latent_space_of_a_diffusers_vae(tm
         expected = (reference.encode(batch["image"]).latent_dist.mean - 0.1) * 0.5
     torch.testing.assert_close(model.batch_x0(batch, sample=False), expected, rtol=0, atol=1e-5)
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
-    trainer(tmp_path, max_steps=2).fit(model, loader(batch, 2))
+    fit = trainer(tmp_path, max_steps=2)
+    fit.fit(model, loader(batch, 2))
     assert any(not torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
     assert not any(name.startswith("_vae") for name in model.state_dict())  # the frozen VAE stays outside
     samples = model.eval().generate(num_samples=2, steps=2)
     assert samples.shape == (2, 3, 16, 16) and samples.abs().max() <= 1
+    fit.save_checkpoint(tmp_path / "denoiser.ckpt")  # `sample` rebuilds it, the folder as its frozen VAE
+    assert main(["sample", "--ckpt", str(tmp_path / "denoiser.ckpt"), "--n", "2", "--steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid" / "row00_001.png").is_file()
 
 
 def test_encode_latents_stores_latents_of_a_folder_and_records_its_hash(tmp_path: Path) -> None:
