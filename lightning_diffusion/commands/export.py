@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ def model_kind(ckpt: Path) -> str:
     """The kind of model a checkpoint holds (a key of `KINDS`), loaded weights-only."""
     from lightning_diffusion.training.checkpoints import load_checkpoint
 
-    checkpoint = load_checkpoint(ckpt, what="checkpoint", key="--ckpt")
+    mmap = ckpt.is_file() and zipfile.is_zipfile(ckpt)  # only the hyper-parameters are read here
+    checkpoint = load_checkpoint(ckpt, what="checkpoint", key="--ckpt", mmap=mmap)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     kind = next((name for name, test in KINDS.items() if isinstance(hparams, dict) and test(hparams)), None)
     if kind is None or "state_dict" not in checkpoint:
