@@ -44,7 +44,8 @@ def check_root(root: str | os.PathLike | None) -> None:
                         "pass a new or existing folder for the run (e.g. --trainer.default_root_dir runs/my_run)")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise UserError(f"trainer.default_root_dir '{root}' lies below the file '{parent}': pass a folder path")
+        raise UserError(f"trainer.default_root_dir '{root}' lies below the file '{parent}': pass a folder "
+                        "path for the run (e.g. --trainer.default_root_dir runs/my_run)")
 
 
 def checkpoint_dir(trainer: Trainer) -> str:
