@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from lightning_diffusion.cli import main
-from test_tracking import BORING_DATA, MODEL, offline_wandb, written_runs  # noqa: F401 - fixture re-used
+from test_tracking import BORING_DATA, MODEL, TinyLoggingModel, offline_wandb, written_runs  # noqa: F401 - fixture re-used
 
 REPO = Path(__file__).resolve().parents[1]
 CALLBACKS = [  # a monitored best.ckpt, last.ckpt, and resume files: none of them names a folder
@@ -136,3 +136,20 @@ def test_pre_encoded_latents_have_no_pixel_size_to_compare() -> None:
     images = ShardDataModule("x-*.tar", image_size=48)
     latents = ShardDataModule("x-*.tar", image_size=48, image_keys=[], tensor_keys=["latent.npy"])
     assert (data_image_size(images), data_image_size(latents), data_image_size(None)) == (48, None, None)
+
+
+class ValidatedModel(TinyLoggingModel):
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val/loss", self.layer(batch).pow(2).mean())
+
+
+def test_validate_on_a_run_folder_keeps_the_training_config(offline_wandb: Path) -> None:  # noqa: F811
+    root = offline_wandb / "run"
+    validated = f"{__name__}.ValidatedModel"
+    assert fit(root, "--trainer.logger", "false", "--model", validated, "--model.lr", "0.05") == 0
+    trained = (root / "config.yaml").read_text()
+    assert main(["validate", "--model", validated, "--data", BORING_DATA, "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+                 "--ckpt_path", str(root / "checkpoints" / "last.ckpt")]) == 0
+    assert (root / "config.yaml").read_text() == trained
+    assert yaml.safe_load((root / "config-validate.yaml").read_text())["ckpt_path"] == str(root / "checkpoints" / "last.ckpt")

@@ -72,7 +72,8 @@ def pin_checkpoint_dirs(trainer: Trainer) -> list[ModelCheckpoint]:
 
 class RunFolderConfig(SaveConfigCallback):
     """LightningCLI's config saving, but always to `<default_root_dir>/config.yaml` (not the first logger's
-    `log_dir`, which for CSV/TensorBoard loggers is a `version_N` folder below it)."""
+    `log_dir`, which for CSV/TensorBoard loggers is a `version_N` folder below it). `validate`/`test`/`predict` on
+    a run's folder write `config-<stage>.yaml`, so the config the run was trained with stays."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - SaveConfigCallback's arguments
         kwargs["save_to_log_dir"] = False
@@ -82,5 +83,7 @@ class RunFolderConfig(SaveConfigCallback):
         root = str(trainer.default_root_dir)
         fs = get_filesystem(root)
         fs.makedirs(root, exist_ok=True)
-        path = os.path.join(root, self.config_filename)
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        name = self.config_filename if stage == "fit" else f"{Path(self.config_filename).stem}-{stage}.yaml"
+        path = os.path.join(root, name)
         self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)

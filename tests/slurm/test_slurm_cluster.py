@@ -77,7 +77,7 @@ def test_fit_sbatch_trains_with_ddp_and_checkpoints(uninterrupted: FitJob) -> No
     assert {r["world"] for r in ranks} == {"2"} and {r["node"] for r in ranks} == {"0"}
     (start,) = marker_values(job.log, "start ")
     assert start["step"] == "0" and start["run_id"] == job.run_dir.name
-    assert global_step(next(job.run_dir.rglob("last.ckpt"))) == MAX_STEPS
+    assert global_step(job.run_dir / "checkpoints" / "last.ckpt") == MAX_STEPS
     saved = yaml.safe_load((job.run_dir / "config.yaml").read_text())["trainer"]
     assert (str(saved["devices"]), saved["num_nodes"]) == ("2", 1)  # devices: int | str | list, "2" = 2 devices
     assert Path(saved["default_root_dir"]) == job.run_dir
@@ -103,8 +103,8 @@ def test_usr1_checkpoints_requeues_and_resumes_same_run(slurm_cluster: Cluster, 
     wandb_runs = sorted((job.run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(r.name.endswith(f"-{job.run_dir.name}") for r in wandb_runs)
 
-    final = global_step(next(job.run_dir.rglob("last.ckpt")))
-    assert final == global_step(next(uninterrupted.run_dir.rglob("last.ckpt"))) == MAX_STEPS
+    final = global_step(job.run_dir / "checkpoints" / "last.ckpt")
+    assert final == global_step(uninterrupted.run_dir / "checkpoints" / "last.ckpt") == MAX_STEPS
 
 
 def test_multinode_sbatch_spans_two_nodes(slurm_cluster: Cluster, tmp_path: Path) -> None:
@@ -121,7 +121,7 @@ def test_multinode_sbatch_spans_two_nodes(slurm_cluster: Cluster, tmp_path: Path
     ranks = sorted((r["rank"], r["node"], r["local_rank"], r["world"]) for r in marker_values(log, "rank="))
     assert ranks == [("0", "0", "0", "2"), ("1", "1", "0", "2")]
     run_dir = tmp_path / "runs" / f"{CLUSTER}-{job_id}"
-    assert global_step(next(run_dir.rglob("last.ckpt"))) == 40
+    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 40
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["num_nodes"] == 2
 
 
@@ -161,6 +161,6 @@ def test_fit_sbatch_trains_the_clip_stage(slurm_cluster: Cluster, tmp_path: Path
     assert record["JobState"] == "COMPLETED", log[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     run_dir = tmp_path / "runs" / f"{CLUSTER}-{job_id}"
-    assert global_step(next(run_dir.rglob("last.ckpt"))) == 8
+    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 8
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["class_path"] == "lightning_diffusion.clip.CLIPModule"

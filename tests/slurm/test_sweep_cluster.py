@@ -8,8 +8,7 @@ issue 16's "sweeps isolated and complete": nothing two tasks share, nothing writ
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from test_slurm_cluster import CLUSTER, write_shards
 
 pytestmark = pytest.mark.slurm
 
-MAX_STEPS = 16  # 2 epochs of 8 steps on 32 training images
+MAX_STEPS = 24  # 3 epochs of 8 steps on 32 training images; SIGUSR1 after the first
 SIGNALLED = 0  # the array task that gets SIGUSR1 while it trains
 SWEEP_FILES = {"sweep.yaml", "tasks.jsonl", "submitted.json"}
 
@@ -34,50 +33,55 @@ def snapshot(folder: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
 
 
-def submit_example(cluster: Cluster, tmp: Path) -> tuple[str, Path]:
+def submit_example(cluster: Cluster, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """`sweep configs/sweeps/example.yaml --submit` shortened by overrides, run in this process (it saves a python
+    start) with the environment sbatch hands on to the jobs."""
+    env = cluster.job_env()
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)
     overrides = {
         "trainer.max_steps": MAX_STEPS, "trainer.limit_val_batches": 1, "trainer.log_every_n_steps": 2,
         "trainer.accelerator": "cpu", "trainer.enable_progress_bar": False,
         "data.init_args.train_urls": f"{tmp}/train-*.tar", "data.init_args.val_urls": f"{tmp}/val-*.tar",
         "data.init_args.batch_size": 4, "data.init_args.val_batch_size": 4, "data.init_args.num_workers": 0,
     }
-    args = [sys.executable, "-m", "lightning_diffusion", "sweep", "configs/sweeps/example.yaml", "--submit",
-            "--out", str(tmp / "sweeps"), *(f"--override={k}={json.dumps(v)}" for k, v in overrides.items()),
+    args = ["sweep", "configs/sweeps/example.yaml", "--submit", "--out", str(tmp / "sweeps"),
+            *(f"--override={k}={json.dumps(v)}" for k, v in overrides.items()),
             *(f"--sbatch={o}" for o in ("--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"))]
-    result = subprocess.run(args, cwd=REPO, env=cluster.job_env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(args) == 0
     (sweep_dir,) = (tmp / "sweeps").iterdir()
-    return result.stdout.strip().splitlines()[-1], sweep_dir
+    return json.loads((sweep_dir / "submitted.json").read_text())["job_id"], sweep_dir
 
 
 def signal_and_wait(cluster: Cluster, array_id: str, sweep_dir: Path) -> tuple[list[dict[str, str]], int]:
-    """Send SIGUSR1 to task SIGNALLED once it trains (its config.yaml is written after the requeue handler is
-    installed; best.ckpt after the first epoch), wait for the array, and return the records and the most tasks
-    seen running at once."""
+    """Send SIGUSR1 to task SIGNALLED in the middle of its run (after the first epoch wrote best.ckpt, before the
+    first hpc checkpoint), wait for the whole array; return the records and the most tasks seen running at once."""
     run_dir = sweep_dir / "runs" / f"{CLUSTER}-{array_id}_{SIGNALLED}"
-    deadline, signalled, most, started = time.monotonic() + 420, False, 0, None
+    deadline, most = time.monotonic() + 600, 0
     while time.monotonic() < deadline:
         records = cluster.jobs(array_id)
         most = max(most, sum(r["JobState"] == "RUNNING" for r in records))
-        if not signalled and (run_dir / "config.yaml").is_file():
-            started = started or time.monotonic()
-            if (run_dir / "checkpoints" / "best.ckpt").is_file() or time.monotonic() - started > 3:
-                sent = cluster.run("scancel", "--signal=USR1", f"{array_id}_{SIGNALLED}", check=False)
-                print("DEBUG", time.time(), started, sent.returncode, sent.stderr, [(r.get("ArrayTaskId"), r["JobState"]) for r in records], flush=True)
-                signalled = sent.returncode == 0  # "can not be altered now": the step is still starting
-        if records and all(r["JobState"] in TERMINAL for r in records) and len(records) == 6:
-            assert signalled, "task never started training"
+        signalled = any(run_dir.glob("hpc_ckpt_*.ckpt"))
+        if not signalled and (run_dir / "checkpoints" / "best.ckpt").is_file():
+            # "can not be altered now" while the step starts or ends: tried again at the next poll
+            cluster.run("scancel", "--signal=USR1", f"{array_id}_{SIGNALLED}", check=False)
+        if len(records) == 6 and all(r["JobState"] in TERMINAL for r in records):
+            assert signalled, f"task {SIGNALLED} ended before it was signalled: {records}"
             return records, most
         time.sleep(0.2)
     raise AssertionError(f"sweep {array_id} not finished: {cluster.jobs(array_id)}")
 
 
-def test_example_sweep_isolated_and_complete_with_a_requeued_task(slurm_cluster: Cluster, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture) -> None:
+def test_example_sweep_isolated_and_complete_with_a_requeued_task(
+    slurm_cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_shards(tmp_path, "train", shards=2)
     write_shards(tmp_path, "val", shards=1)
     repo_runs, repo_top = snapshot(REPO / "runs"), sorted(p.name for p in REPO.iterdir())
-    array_id, sweep_dir = submit_example(slurm_cluster, tmp_path)
+    array_id, sweep_dir = submit_example(slurm_cluster, tmp_path, monkeypatch)
     records, most_running = signal_and_wait(slurm_cluster, array_id, sweep_dir)
     logs = {i: (sweep_dir / f"slurm-{array_id}_{i}.out").read_text() for i in range(6)}
     by_task = {int(r["ArrayTaskId"]): r for r in records}
@@ -108,8 +112,8 @@ def test_example_sweep_isolated_and_complete_with_a_requeued_task(slurm_cluster:
         assert all(r.name.endswith(f"-{run_dir.name}") for r in offline)  # the run id: stable across the requeue
         if i == SIGNALLED:
             (hpc_file,) = hpc
-            step = torch.load(hpc_file, map_location="cpu", weights_only=True)["global_step"]
-            assert 1 <= step < MAX_STEPS and len(offline) == 2, logs[i][-2000:]
+            hpc_step = torch.load(hpc_file, map_location="cpu", weights_only=True)["global_step"]
+            assert 8 <= hpc_step < MAX_STEPS and len(offline) == 2, logs[i][-2000:]
             assert f"Restoring states from the checkpoint path at {hpc_file}" in logs[i]
         else:
             assert hpc == [] and len(offline) == 1
@@ -118,7 +122,9 @@ def test_example_sweep_isolated_and_complete_with_a_requeued_task(slurm_cluster:
     assert sorted(r.run_id for r in runs) == [d.name for d in run_dirs]
     assert {r.group for r in runs} == {sweep_dir.name}
     assert sorted(r.name for r in runs) == [f"task-{i}" for i in range(6)]
-    assert all(max(step for step, _ in r.history["train/loss"]) == MAX_STEPS for r in runs)
+    steps = {r.name: [step for step, _ in r.history["train/loss"]] for r in runs}
+    assert all(max(s) == MAX_STEPS - 1 for s in steps.values()), steps  # W&B's step of the last optimiser step
+    assert min(steps[f"task-{SIGNALLED}"]) < hpc_step < max(steps[f"task-{SIGNALLED}"])  # both starts in one run
 
     capsys.readouterr()
     assert main(["compare", str(sweep_dir)]) == 0
