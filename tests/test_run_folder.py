@@ -153,3 +153,31 @@ def test_validate_on_a_run_folder_keeps_the_training_config(offline_wandb: Path)
                  "--ckpt_path", str(root / "checkpoints" / "last.ckpt")]) == 0
     assert (root / "config.yaml").read_text() == trained
     assert yaml.safe_load((root / "config-validate.yaml").read_text())["ckpt_path"] == str(root / "checkpoints" / "last.ckpt")
+
+
+def test_image_grids_and_the_wandb_run_of_a_real_model_land_in_the_root(
+    offline_wandb: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """The tiny VAE-GAN with the default (W&B) logger: its reconstruction grids, checkpoints and run in the root."""
+    from checkpoint_support import fit_config, write_image_shards
+
+    monkeypatch.chdir(offline_wandb)
+    monkeypatch.delenv("WANDB_DIR")
+    shards = offline_wandb / "shards"
+    shards.mkdir()
+    root = offline_wandb / "vae_run"
+    urls = write_image_shards(shards)
+    config = fit_config(offline_wandb / "vae.yaml", "vae", root, urls, data={"val_urls": urls},
+                        model={"image_every_n_steps": 1, "num_logged_images": 2},
+                        trainer={"max_steps": 2, "limit_val_batches": 1, "val_check_interval": 2})
+    spec = yaml.safe_load(config.read_text())
+    del spec["trainer"]["logger"]  # the project's default: offline W&B
+    config.write_text(yaml.safe_dump(spec))
+    before = {p.name for p in offline_wandb.iterdir()} - {"cache", "wandb_config"}  # wandb's own debug logs
+    assert main(["fit", "--config", str(config)]) == 0
+    assert {p.name for p in offline_wandb.iterdir()} - {"cache", "wandb_config"} == before | {"vae_run"}
+    names = files(root)
+    # Lightning's default ModelCheckpoint (no dirpath) as well
+    assert {"config.yaml", "checkpoints/epoch=0-step=2.ckpt", "reconstructions/step0000002.png"} <= names, sorted(names)
+    (run,) = written_runs(root)
+    assert "val/reconstructions" in run.images

@@ -23,7 +23,7 @@ from test_slurm_cluster import CLUSTER, write_shards
 
 pytestmark = pytest.mark.slurm
 
-MAX_STEPS = 24  # 3 epochs of 8 steps on 32 training images; SIGUSR1 after the first
+MAX_STEPS = 16  # 2 epochs of 8 steps on 32 training images; SIGUSR1 after the first
 SIGNALLED = 0  # the array task that gets SIGUSR1 while it trains
 SWEEP_FILES = {"sweep.yaml", "tasks.jsonl", "submitted.json"}
 
