@@ -13,23 +13,33 @@ from lightning_diffusion.cli import main
 from test_tracking import BORING_DATA, MODEL, TinyLoggingModel, offline_wandb, written_runs  # noqa: F401 - fixture re-used
 
 REPO = Path(__file__).resolve().parents[1]
-CALLBACKS = [  # a monitored best.ckpt, last.ckpt, and resume files: none of them names a folder
-    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-    "--trainer.callbacks.filename=best", "--trainer.callbacks.monitor=train/loss", "--trainer.callbacks.save_top_k=1",
-    "--trainer.callbacks.enable_version_counter=false",
-    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-    "--trainer.callbacks.save_top_k=0", "--trainer.callbacks.save_last=true",
-    "--trainer.callbacks.enable_version_counter=false",
-    "--trainer.callbacks+=lightning_diffusion.training.resume.ResumeCheckpoint",
-    "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.keep_last=1",
-]
+# a monitored best.ckpt, last.ckpt, and resume files: none of them names a folder (as in configs/)
+CONFIG = {
+    "seed_everything": 0,
+    "model": {"class_path": MODEL},
+    "data": {"class_path": BORING_DATA},
+    "trainer": {
+        "max_steps": 4, "log_every_n_steps": 1, "limit_val_batches": 0, "enable_progress_bar": False,
+        "enable_model_summary": False, "default_root_dir": "runs/tiny",
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+                "filename": "best", "monitor": "train/loss", "save_top_k": 1, "enable_version_counter": False}},
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+                "save_top_k": 0, "save_last": True, "enable_version_counter": False}},
+            {"class_path": "lightning_diffusion.training.resume.ResumeCheckpoint", "init_args": {
+                "every_n_train_steps": 2, "keep_last": 1}},
+        ],
+    },
+}
 
 
-def fit(root: Path, *extra: str) -> int:
-    return main(["fit", "--model", MODEL, "--data", BORING_DATA, "--trainer.max_steps", "4",
-                 "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
-                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                 *CALLBACKS, "--trainer.default_root_dir", str(root), *extra])
+def fit(root: Path, *extra: str, config_dir: Path | None = None) -> int:
+    """`fit --config <tiny config> --trainer.default_root_dir ROOT ...` (the config file in `config_dir`, default
+    next to ROOT)."""
+    config = (config_dir or root.parent) / "tiny.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
+    return main(["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *extra])
 
 
 def files(folder: Path) -> set[str]:
@@ -43,7 +53,7 @@ def test_two_roots_give_two_complete_separate_runs(offline_wandb: Path, monkeypa
     monkeypatch.delenv("WANDB_DIR")  # the run folder decides where the W&B run goes
     roots = [work / "runs" / "a", work / "runs" / "b"]
     for lr, root in zip(("0.1", "0.05"), roots):
-        assert fit(root, "--model.lr", lr) == 0
+        assert fit(root, "--model.init_args.lr", lr, config_dir=offline_wandb) == 0
     assert sorted(p.name for p in work.iterdir()) == ["runs"] and sorted(p.name for p in (work / "runs").iterdir()) == [
         "a", "b"]
 
@@ -100,11 +110,11 @@ def test_default_root_dir_on_a_file_is_one_line_and_writes_nothing(
     target = tmp_path / "taken.txt"
     target.write_text("not a folder")
     for root in (target, target / "below"):
-        assert fit(root) == 2
+        assert fit(root, config_dir=tmp_path) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: trainer.default_root_dir") and err.count("\n") == 1, err
         assert "file" in err and "--trainer.default_root_dir" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt", "tiny.yaml"]
 
 
 @pytest.mark.parametrize(("config", "extra"), [
@@ -146,7 +156,7 @@ class ValidatedModel(TinyLoggingModel):
 def test_validate_on_a_run_folder_keeps_the_training_config(offline_wandb: Path) -> None:  # noqa: F811
     root = offline_wandb / "run"
     validated = f"{__name__}.ValidatedModel"
-    assert fit(root, "--trainer.logger", "false", "--model", validated, "--model.lr", "0.05") == 0
+    assert fit(root, "--trainer.logger", "false", "--model", validated, "--model.init_args.lr", "0.05") == 0
     trained = (root / "config.yaml").read_text()
     assert main(["validate", "--model", validated, "--data", BORING_DATA, "--trainer.logger", "false",
                  "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
