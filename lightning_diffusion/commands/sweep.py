@@ -226,7 +226,8 @@ def parse_overrides(texts: list[str]) -> dict[str, Any]:
 
 def config_keys(configs: tuple[str, ...]) -> set[str]:
     """Every dotted key of the base config as LightningCLI resolves it (`fit --print_config`: defaults and the
-    chosen classes' init_args included); nested mappings give their parents' keys too."""
+    chosen classes' init_args included); nested mappings give their parents' keys too, and `model.init_args.lr`
+    also counts as `model.lr` (jsonargparse's short form)."""
     from lightning_diffusion.cli import run_lightning
 
     printed = io.StringIO()
@@ -241,6 +242,7 @@ def config_keys(configs: tuple[str, ...]) -> set[str]:
     def walk(node: dict[str, Any], prefix: str) -> None:
         for key, value in node.items():
             keys.add(f"{prefix}{key}")
+            keys.add(f"{prefix}{key}".replace(".init_args.", "."))
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
 

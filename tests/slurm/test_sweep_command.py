@@ -141,6 +141,16 @@ def test_unknown_keys_are_one_line_errors_before_anything_is_written(
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_keys_are_those_lightningcli_resolves_defaults_and_short_forms_included(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_diffusion.commands.sweep import config_keys
+
+    monkeypatch.chdir(REPO)
+    keys = config_keys(("tests/slurm/tiny.yaml",))
+    assert {"model.init_args.lr", "model.lr", "trainer.max_steps", "trainer.gradient_clip_val", "data.init_args.seed",
+            "seed_everything"} <= keys  # gradient_clip_val and seed: defaults the file does not set
+    assert "model.init_args.lrr" not in keys and "trainer.callbacks" in keys
+
+
 def test_a_sweep_without_a_base_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
