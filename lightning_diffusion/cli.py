@@ -92,6 +92,8 @@ def run_lightning(args: list[str]) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
+    from lightning_diffusion.training.run_folder import RunFolderConfig
+
     class DiffusionCLI(LightningCLI):
         """LightningCLI whose parser raises instead of printing usage and exiting."""
 
@@ -115,13 +117,23 @@ def run_lightning(args: list[str]) -> None:
             finally:
                 seed_log.setLevel(level)
 
+        def before_instantiate_classes(self) -> None:
+            """The run folder must be a folder: a file there is one user error before anything is built."""
+            from lightning_diffusion.training.run_folder import check_root
+
+            check_root(self._get(self.config, "trainer.default_root_dir"))
+
         def instantiate_trainer(self, **kwargs: Any):  # noqa: ANN202 - a Trainer
-            """Check the data's shards first (nothing is written or logged yet); Lightning's own checks of the
-            trainer section become one-line user errors."""
+            """Check model against data and the data's shards first (nothing is written or logged yet); Lightning's
+            own checks of the trainer section become one-line user errors. Checkpoints without a `dirpath` go to
+            `<default_root_dir>/checkpoints` (lightning_diffusion.training.run_folder)."""
             from lightning.fabric.utilities.exceptions import MisconfigurationException
 
             from data_pipelines.datamodule import ShardDataModule
+            from lightning_diffusion.training.consistency import check_model_matches_data
+            from lightning_diffusion.training.run_folder import pin_checkpoint_dirs
 
+            check_model_matches_data(self.model, self.datamodule)
             if self.subcommand in ("fit", "validate") and isinstance(self.datamodule, ShardDataModule):
                 self.datamodule.setup(self.subcommand)  # resolves (and caches) the shard lists; no trainer yet
             try:
@@ -129,6 +141,7 @@ def run_lightning(args: list[str]) -> None:
             except (MisconfigurationException, ValueError) as err:
                 raise UserError(f"trainer: {str(err).splitlines()[0]} (see `python -m lightning_diffusion "
                                 f"{self.subcommand} --help`)") from err
+            pin_checkpoint_dirs(trainer)
             seed = self._get(self.config, "seed_everything")
             if seed is not False:
                 logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
@@ -167,6 +180,7 @@ def run_lightning(args: list[str]) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=RunFolderConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=_trainer_defaults(),
         )

@@ -162,6 +162,7 @@ class Pipeline:
         return self.out / stage
 
     def checkpoint(self, stage: str) -> Path:
+        """`<stage folder>/checkpoints/last.ckpt`: the stage folder is the fit's `trainer.default_root_dir`."""
         return self.stage_dir(stage) / "checkpoints" / "last.ckpt"
 
     # --------------------------------------------------------------------------------------------- bookkeeping
@@ -226,7 +227,7 @@ class Pipeline:
         folder = self.stage_dir(stage)
         overrides = {
             "trainer.default_root_dir": str(folder),
-            "trainer.callbacks": checkpoint_callbacks(base, folder / "checkpoints") + self.sample_metrics(stage)
+            "trainer.callbacks": checkpoint_callbacks(base) + self.sample_metrics(stage)
             + [PROGRESS_BAR],
             "trainer.logger": self.loggers(stage),
             **automatic,
@@ -344,8 +345,9 @@ class Pipeline:
                                   str(self.checkpoint("clip")), *common, "--out", str(folder / "denoiser.json")])
 
 
-def checkpoint_callbacks(config: dict[str, Any], dirpath: Path) -> list[dict[str, Any]]:
-    """The stage config's callbacks with every ModelCheckpoint writing into `dirpath`, and `last.ckpt` = the final
+def checkpoint_callbacks(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage config's callbacks with every ModelCheckpoint writing into the run folder's `checkpoints/` (no
+    `dirpath`: the CLI puts them under `trainer.default_root_dir`, the stage folder), and `last.ckpt` = the final
     weights.
 
     Lightning 2.6 writes `last.ckpt` of a monitored ModelCheckpoint only when that validation also wrote a top-k
@@ -357,15 +359,15 @@ def checkpoint_callbacks(config: dict[str, Any], dirpath: Path) -> list[dict[str
     has_last = False
     for callback in callbacks:
         if str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
-            args = {**(callback.get("init_args") or {}), "dirpath": str(dirpath), "enable_version_counter": False}
+            args = {**(callback.get("init_args") or {}), "enable_version_counter": False}
+            args.pop("dirpath", None)
             monitored = args.get("monitor") is not None
             args["save_last"] = not monitored
             has_last = has_last or not monitored
             callback["init_args"] = args
     if not has_last:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                          "init_args": {"dirpath": str(dirpath), "save_last": True, "save_top_k": 0,
-                                        "enable_version_counter": False}})
+                          "init_args": {"save_last": True, "save_top_k": 0, "enable_version_counter": False}})
     return callbacks
 
 
