@@ -36,6 +36,7 @@ from lightning_diffusion.errors import UserError
 STAGES = ("data", "vae_gan", "clip", "latents", "denoiser", "evaluate", "report")
 FIT_STAGES = ("vae_gan", "clip", "denoiser")
 DONE = "done.json"
+OWNED = ".written-by-pipeline"
 # Lightning's default (rich) bar draws nothing until the end when its output is a pipe, as the stages' output is
 # here (it goes to the terminal and to <stage>/log.txt): tqdm's bar updates a line there every `refresh_rate` steps.
 PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 10}}
@@ -143,6 +144,16 @@ def check_preset(preset: dict[str, Any], where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- running
+def remove_own_folder(folder: Path) -> None:
+    """Delete a stage folder before its stage reruns, only if the pipeline made it (it holds `OWNED`) or it is
+    empty: a folder of the user's that happens to sit at `<out>/<stage>` is never deleted."""
+    if (folder / OWNED).is_file() or (folder.is_dir() and not any(folder.iterdir())):
+        shutil.rmtree(folder)
+        return
+    raise UserError(f"--out: '{folder}' exists and was not written by the pipeline (no {OWNED} in it), so it is "
+                    "not deleted: choose another --out, or move that folder away")
+
+
 class StageFailed(UserError):
     """A stage's subprocess failed; its folder has no done marker, so the next call starts it again."""
 
@@ -177,8 +188,9 @@ class Pipeline:
             print(f"[pipeline] {stage}: finished earlier, skipped ({folder / DONE})", file=sys.stderr)
             return
         if clear and folder.exists():
-            shutil.rmtree(folder)
+            remove_own_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / OWNED).touch()  # the record that this folder is the pipeline's to clear on a rerun
         (folder / DONE).unlink(missing_ok=True)
         print(f"[pipeline] {stage}: running (log: {folder / 'log.txt'})", file=sys.stderr)
         started = time.perf_counter()
