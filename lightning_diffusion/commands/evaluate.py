@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_diffusion.training.checkpoints import load_checkpoint, resolve_model_class
+from lightning_diffusion.training.checkpoints import load_checkpoint, resolve_model_class, user_model_class
 from lightning_diffusion.errors import UserError
 
 METRIC_CHOICES = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim", "clip_score")
@@ -83,8 +83,8 @@ def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> tuple[str, str]:
 def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torch.nn.Module:
     """Rebuild the LightningModule from the checkpoint's hyper-parameters and load its weights (weights_only).
 
-    The class comes from --model-class, the checkpoint or the run's config.yaml, and must be one of the project's
-    models (`resolve_model_class`). Models trained with EMA keep the averaged weights in `state_dict`, so those
+    The class comes from --model-class (the user's choice: any LightningModule), else from the checkpoint or the
+    run's config.yaml, and then must be one of the project's models (`resolve_model_class`). Models trained with EMA keep the averaged weights in `state_dict`, so those
     are the ones scored.
     """
     checkpoint = load_checkpoint(ckpt, what="model checkpoint", key="--ckpt")
@@ -92,8 +92,11 @@ def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torc
         raise UserError(f"'{ckpt}' (--ckpt) is not a Lightning checkpoint (no state_dict): pass a .ckpt written by "
                         "`fit` (e.g. <run>/checkpoints/last.ckpt)")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    class_path, source = (class_path, "--model-class") if class_path else find_model_class(ckpt, hparams)
-    cls = resolve_model_class(class_path, source=source)
+    if class_path:
+        cls = user_model_class(class_path)
+    else:
+        class_path, source = find_model_class(ckpt, hparams)
+        cls = resolve_model_class(class_path, source=source)
     try:
         model = cls(**{key: value for key, value in hparams.items() if not key.startswith("_")})
         model.on_load_checkpoint(checkpoint)

@@ -183,6 +183,22 @@ def resolve_model_class(class_path: Any, expected: Optional[str | type] = None, 
     return cls
 
 
+def user_model_class(class_path: str, *, flag: str = "--model-class") -> type:
+    """A LightningModule class the user named on the command line (their own choice, like a config's class_path:
+    imported as given, unlike a class path read from a file); anything but a LightningModule subclass is refused."""
+    from lightning.pytorch import LightningModule
+
+    try:
+        cls = _import(class_path) if _CLASS_PATH.match(class_path) else None
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"{flag} '{class_path}' cannot be imported ({err}): give a LightningModule class path, e.g. "
+                        "lightning_diffusion.diffusion.module.Denoiser") from err
+    if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+        raise UserError(f"{flag} '{class_path}' is not a LightningModule class: give one, e.g. "
+                        "lightning_diffusion.diffusion.module.Denoiser")
+    return cls
+
+
 def check_checkpoint_class(checkpoint: Any, expected: str | type, *, path: str | Path,  # noqa: ANN401
                            key: Optional[str] = None) -> None:
     """Refuse a Lightning checkpoint whose stored ``_class_path`` is not `expected` (a role, path or class);
@@ -239,7 +255,8 @@ def check_ckpt_path(parser: Any, config: Any, subcommand: str) -> Any:  # noqa: 
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"checkpoint file '{path}' (--ckpt_path) is not a Lightning checkpoint (no state_dict): "
                         "pass a .ckpt written by `fit` (e.g. <run>/checkpoints/last.ckpt)")
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    stored_hparams = checkpoint.get("hyper_parameters") or {}
+    hparams = dict(stored_hparams) if isinstance(stored_hparams, dict) else {}
     hparams.pop("_instantiator", None)
     stored = hparams.pop("_class_path", None)
     if stored is not None:
@@ -249,6 +266,11 @@ def check_ckpt_path(parser: Any, config: Any, subcommand: str) -> Any:  # noqa: 
             raise UserError(f"checkpoint '{path}' (--ckpt_path) holds a {MODEL_CLASSES[_canonical(stored)]} model "
                             f"({stored}) but the config trains {configured}: pass the checkpoint of this config's "
                             "model, or the config it was trained with")
+    if "pytorch-lightning_version" not in checkpoint:
+        raise UserError(f"checkpoint file '{path}' (--ckpt_path) holds weights but no trainer state (it was not "
+                        "written by a Lightning Trainer): pass a .ckpt written by `fit`, or load the weights into "
+                        "the model instead (e.g. model.vae_checkpoint for a VAE-GAN)")
+    if stored is not None:
         model: dict[str, Any] = {"class_path": stored, "dict_kwargs": hparams}
     elif hparams:
         model = hparams
