@@ -174,8 +174,8 @@ def test_fit_refuses_a_checkpoint_naming_a_foreign_class(tmp_path: Path, capsys:
     ckpt = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": importable_trap(tmp_path, marker)}}, ckpt)
     err = run_cli(["fit", "--config", str(_vae_config(tmp_path)), "--ckpt_path", str(ckpt)], capsys)
-    assert "not a model of this project" in err
-    assert not marker.exists()
+    assert "'ld_trap_module.Model' but the config trains" in err
+    assert not marker.exists() and "ld_trap_module" not in sys.modules
 
 
 def test_fit_refuses_a_url_without_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -222,18 +222,29 @@ def test_fit_with_the_stored_weights_of_another_model_without_a_class_path(
     assert "do not fit the configured model" in err
 
 
+SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "restore", "SLURM_JOB_ID": "7",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
-def test_an_unreadable_auto_resume_file_is_one_line(damage: str, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("restore", ["auto-resume", "slurm"])
+def test_an_unreadable_resume_file_is_one_line(restore: str, damage: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The newest `resume/step-*.ckpt` (auto-resume) or, under SLURM, `hpc_ckpt_*.ckpt` is damaged."""
     resume = {"class_path": "lightning_diffusion.training.resume.ResumeCheckpoint",
               "init_args": {"every_n_train_steps": 1}}
     config = _vae_config(tmp_path, callbacks=[resume])
-    folder = tmp_path / "run" / "resume"
-    folder.mkdir(parents=True)
-    source = _truncated(tmp_path) if damage == "truncated" else None
-    (folder / "step-000000003.ckpt").write_bytes(source.read_bytes() if source else b"")
+    if restore == "slurm":
+        for name, value in SLURM_ENV.items():
+            monkeypatch.setenv(name, value)
+        target = tmp_path / "run" / "hpc_ckpt_3.ckpt"
+    else:
+        target = tmp_path / "run" / "resume" / "step-000000003.ckpt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(_truncated(tmp_path).read_bytes() if damage == "truncated" else b"")
     err = run_cli(["fit", "--config", str(config)], capsys)
-    assert "step-000000003.ckpt" in err and ("is empty" in err or "could not be read" in err)
+    assert target.name in err and ("is empty" in err or "could not be read" in err)
 
 
 def test_load_checkpoint_refuses_urls_unless_allowed() -> None:
@@ -264,7 +275,7 @@ def test_compare_refuses_a_config_yaml_with_python_tags(tmp_path: Path, capsys: 
     assert not marker.exists()
 
 
-def test_pipeline_never_deletes_a_folder_it_did_not_write(tmp_path: Path) -> None:
+def test_pipeline_never_deletes_a_folder_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_diffusion.commands.pipeline import OWNED, remove_own_folder
 
     users = tmp_path / "out" / "vae_gan"
@@ -273,6 +284,9 @@ def test_pipeline_never_deletes_a_folder_it_did_not_write(tmp_path: Path) -> Non
     with pytest.raises(UserError, match="was not written by the pipeline"):
         remove_own_folder(users)
     assert (users / "notes.txt").read_text() == "mine"
+    err = run_cli(["pipeline", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "no-data")], capsys)
+    assert "vae_gan" in err and "not written by the pipeline" in err
+    assert (users / "notes.txt").read_text() == "mine" and not (tmp_path / "out" / "data").exists()
     (users / OWNED).touch()  # a folder the pipeline made is its to clear
     remove_own_folder(users)
     assert not users.exists()

@@ -144,14 +144,18 @@ def check_preset(preset: dict[str, Any], where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- running
+def check_own_folder(folder: Path) -> None:
+    """Refuse a non-empty `<out>/<stage>` folder the pipeline did not make (its record: `OWNED`, or the `DONE`
+    marker of a finished stage): the pipeline may clear its stage folders, never a folder of the user's."""
+    if folder.is_dir() and any(folder.iterdir()) and not ((folder / OWNED).is_file() or (folder / DONE).is_file()):
+        raise UserError(f"--out: '{folder}' exists and was not written by the pipeline (no {OWNED} in it), so it is "
+                        "not touched: choose another --out, or move that folder away")
+
+
 def remove_own_folder(folder: Path) -> None:
-    """Delete a stage folder before its stage reruns, only if the pipeline made it (it holds `OWNED`) or it is
-    empty: a folder of the user's that happens to sit at `<out>/<stage>` is never deleted."""
-    if (folder / OWNED).is_file() or (folder.is_dir() and not any(folder.iterdir())):
-        shutil.rmtree(folder)
-        return
-    raise UserError(f"--out: '{folder}' exists and was not written by the pipeline (no {OWNED} in it), so it is "
-                    "not deleted: choose another --out, or move that folder away")
+    """Delete a stage folder before its stage reruns, only if the pipeline made it (see `check_own_folder`)."""
+    check_own_folder(folder)
+    shutil.rmtree(folder)
 
 
 class StageFailed(UserError):
@@ -279,6 +283,8 @@ class Pipeline:
     def run(self) -> None:
         from lightning_diffusion.commands.quickstart_report import pick_prompts, write_report
 
+        for stage in STAGES:  # before any stage runs: a folder of the user's under --out stops the whole run
+            check_own_folder(self.stage_dir(stage))
         size = self.preset["image_size"]
         self.build_data()
         self.stage("vae_gan", [self.checkpoint("vae_gan")], lambda: self.command("vae_gan", self.fit_args(

@@ -261,8 +261,8 @@ def check_ckpt_path(parser: Any, config: Any, subcommand: str) -> Any:  # noqa: 
     """LightningCLI's reading of ``--ckpt_path`` under the loading rule; returns the updated config.
 
     The file loads weights-only (a URL only with ``--allow_url_ckpt_path true``); a stored ``_class_path`` must be
-    a project model and the same class as the config's ``model.class_path``; then, as LightningCLI does, the
-    checkpoint's hyper-parameters override the config's model arguments.
+    the config's ``model.class_path`` (the same text, or the same registered project class) and is never imported
+    otherwise; then, as LightningCLI does, the checkpoint's hyper-parameters override the config's model arguments.
     """
     section = config[subcommand]
     path = section.get("ckpt_path")
@@ -281,12 +281,7 @@ def check_ckpt_path(parser: Any, config: Any, subcommand: str) -> Any:  # noqa: 
     hparams.pop("_instantiator", None)
     stored = hparams.pop("_class_path", None)
     if stored is not None:
-        cls = resolve_model_class(stored, source=f"checkpoint '{path}' (--ckpt_path)")
-        configured = (section.get("model") or {}).get("class_path")
-        if configured and _configured_class(configured) is not cls:
-            raise UserError(f"checkpoint '{path}' (--ckpt_path) holds a {MODEL_CLASSES[_canonical(stored)]} model "
-                            f"({stored}) but the config trains {configured}: pass the checkpoint of this config's "
-                            "model, or the config it was trained with")
+        _check_stored_class(stored, (section.get("model") or {}).get("class_path"), path)
     if "pytorch-lightning_version" not in checkpoint:
         raise UserError(f"checkpoint file '{path}' (--ckpt_path) holds weights but no trainer state (it was not "
                         "written by a Lightning Trainer): pass a .ckpt written by `fit`, or load the weights into "
@@ -298,6 +293,22 @@ def check_ckpt_path(parser: Any, config: Any, subcommand: str) -> Any:  # noqa: 
     else:
         return config
     return parser.parse_object({subcommand: {"model": model}}, config)
+
+
+def _check_stored_class(stored: Any, configured: Optional[str], path: Any) -> None:  # noqa: ANN401
+    """The checkpoint's class must be the config's: the same class path (the user's config imported it already), or
+    a registered project class that is the configured class; without a configured class, a registered one."""
+    source = f"checkpoint '{path}' (--ckpt_path)"
+    if not configured:
+        resolve_model_class(stored, source=source)
+        return
+    if stored == configured:
+        return
+    canonical = _canonical(stored) if isinstance(stored, str) and _CLASS_PATH.match(stored) else None
+    if canonical is None or _import(canonical) is not _configured_class(configured):
+        held = f"a {MODEL_CLASSES[canonical]} model ({stored})" if canonical else f"the model class {str(stored)[:120]!r}"
+        raise UserError(f"{source} holds {held} but the config trains {configured}: pass the checkpoint of this "
+                        "config's model, or the config it was trained with")
 
 
 def _configured_class(class_path: str) -> Optional[type]:
