@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import pickle
 import re
 import sys
 from typing import Any
@@ -132,6 +131,7 @@ def run_lightning(args: list[str]) -> None:
             from data_pipelines.datamodule import ShardDataModule
             from lightning_diffusion.training.consistency import check_model_matches_data
             from lightning_diffusion.training.run_folder import pin_checkpoint_dirs
+            from lightning_diffusion.training.checkpoints import require_weights_only_io
 
             check_model_matches_data(self.model, self.datamodule)
             if self.subcommand in ("fit", "validate") and isinstance(self.datamodule, ShardDataModule):
@@ -142,20 +142,23 @@ def run_lightning(args: list[str]) -> None:
                 raise UserError(f"trainer: {str(err).splitlines()[0]} (see `python -m lightning_diffusion "
                                 f"{self.subcommand} --help`)") from err
             pin_checkpoint_dirs(trainer)
+            require_weights_only_io(trainer, bool(self.config[self.subcommand].get("allow_url_ckpt_path")))
             seed = self._get(self.config, "seed_everything")
             if seed is not False:
                 logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
             return trainer
 
-        def _parse_ckpt_path(self) -> None:
-            """Lightning reads `ckpt_path`'s hyper-parameters (weights_only): a file it refuses is one user error."""
-            try:
-                super()._parse_ckpt_path()
-            except pickle.UnpicklingError as err:
-                from lightning_diffusion.training.checkpoints import refused
+        def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
+            parser.add_argument("--allow_url_ckpt_path", type=bool, default=False,
+                                help="let --ckpt_path be a URL (it is still loaded weights-only)")
 
-                path = self.config[self.config.subcommand].get("ckpt_path")
-                raise refused(path, "checkpoint", "ckpt_path", err) from err
+        def _parse_ckpt_path(self) -> None:
+            """`ckpt_path` is read through the loading rule (weights-only, no URL unless allowed) and its stored model
+            class must be the config's; its hyper-parameters then update the config, as in LightningCLI."""
+            from lightning_diffusion.training.checkpoints import check_ckpt_path
+
+            if self.config.get("subcommand"):
+                self.config = check_ckpt_path(self.parser, self.config, self.config.subcommand)
 
         def before_fit(self) -> None:
             """Log the resolved config to W&B (hyperparameters + config.yaml) and pin the run id on resume."""
@@ -190,11 +193,20 @@ def run_lightning(args: list[str]) -> None:
         # jsonargparse wraps errors raised while instantiating classes (a model's constructor validating its
         # arguments) in its own exceptions: surface the user's error itself.
         user_error = _find_user_error(err)
+        if user_error is None and isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):
+            user_error = UserError(f"the checkpoint's weights do not fit the configured model ({_state_dict_problem(err)}):"
+                                   " pass the checkpoint of this config's model (--ckpt_path), or its config")
         if user_error is None:
             raise
         raise user_error from None
     finally:
         sys.argv = saved_argv
+
+
+def _state_dict_problem(err: RuntimeError) -> str:
+    """The first specific line of torch's multi-line `load_state_dict` error."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    return (lines[0] if lines else str(err).splitlines()[0])[:200]
 
 
 def _find_user_error(err: BaseException) -> UserError | None:

@@ -192,9 +192,10 @@ class VAEGAN(LatentScaling, LightningModule):
     @classmethod
     def load_frozen(cls, path: str | Path) -> "VAEGAN":
         """The autoencoder of a checkpoint, in eval mode with gradients off (weights_only loading)."""
-        from lightning_diffusion.training.checkpoints import load_checkpoint
+        from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 
         checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key="model.vae_checkpoint")
+        check_checkpoint_class(checkpoint, "VAE-GAN", path=path, key="model.vae_checkpoint")
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
         try:
             with _own_hyperparameters():

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_diffusion.training.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import load_checkpoint, resolve_model_class, user_model_class
 from lightning_diffusion.errors import UserError
 
 METRIC_CHOICES = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim", "clip_score")
@@ -59,17 +59,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> str:
-    """The model's class path: LightningCLI stores it in the checkpoint (`_class_path`) or in the run's config.yaml."""
-    if isinstance(hparams.get("_class_path"), str):
-        return hparams["_class_path"]
+def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> tuple[str, str]:
+    """(class path, where it was read): LightningCLI stores it in the checkpoint (`_class_path`), else the run's
+    config.yaml names it. Only read here; `resolve_model_class` checks it before anything is imported."""
+    if "_class_path" in hparams:
+        return hparams["_class_path"], f"checkpoint '{ckpt}' (--ckpt)"
     for folder in list(ckpt.resolve().parents)[:5]:
         config = folder / "config.yaml"
         if config.is_file():
-            loaded = yaml.safe_load(config.read_text()) or {}
-            class_path = (loaded.get("model") or {}).get("class_path") if isinstance(loaded, dict) else None
+            try:
+                loaded = yaml.safe_load(config.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                raise UserError(f"'{config}' (the config beside --ckpt) is not plain YAML "
+                                f"({str(err).strip().splitlines()[0]}): fix it, or pass --model-class") from err
+            model = loaded.get("model") if isinstance(loaded, dict) else None
+            class_path = model.get("class_path") if isinstance(model, dict) else None
             if class_path:
-                return class_path
+                return class_path, f"'{config}' (model.class_path)"
     raise UserError(f"cannot tell which model '{ckpt}' holds (no _class_path in it, no config.yaml with "
                     "model.class_path above it): pass --model-class, e.g. "
                     "lightning_diffusion.diffusion.module.Denoiser")
@@ -78,18 +84,20 @@ def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> str:
 def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torch.nn.Module:
     """Rebuild the LightningModule from the checkpoint's hyper-parameters and load its weights (weights_only).
 
-    Models trained with EMA keep the averaged weights in `state_dict`, so those are the ones scored.
+    The class comes from --model-class (the user's choice: any LightningModule), else from the checkpoint or the
+    run's config.yaml, and then must be one of the project's models (`resolve_model_class`). Models trained with EMA keep the averaged weights in `state_dict`, so those
+    are the ones scored.
     """
-    import importlib
-
     checkpoint = load_checkpoint(ckpt, what="model checkpoint", key="--ckpt")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise UserError(f"'{ckpt}' (--ckpt) is not a Lightning checkpoint (no state_dict): pass a .ckpt written by "
+                        "`fit` (e.g. <run>/checkpoints/last.ckpt)")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    class_path = class_path or find_model_class(ckpt, hparams)
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UserError(f"model class '{class_path}' cannot be imported ({err}): check --model-class") from err
+    if class_path:
+        cls = user_model_class(class_path)
+    else:
+        class_path, source = find_model_class(ckpt, hparams)
+        cls = resolve_model_class(class_path, source=source)
     try:
         model = cls(**{key: value for key, value in hparams.items() if not key.startswith("_")})
         model.on_load_checkpoint(checkpoint)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_diffusion.training.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
 from lightning_diffusion.diffusion.arguments import check_sampling
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
     """A Denoiser from a Lightning checkpoint (weights_only), in eval mode on the CPU."""
     checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
+    check_checkpoint_class(checkpoint, "denoiser", path=path, key="--ckpt")
     hparams = checkpoint.get("hyper_parameters") or {}
     if "objective" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' (--ckpt) is not a denoiser checkpoint: pass one written by "
