@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.training.accumulation import check_accumulation
 
 TRAINER_COMMANDS: dict[str, str] = {
     "fit": "train a model (VAE-GAN, CLIP or denoiser, chosen by the config's model.class_path)",
@@ -128,6 +129,7 @@ def run_lightning(args: list[str]) -> None:
             except (MisconfigurationException, ValueError) as err:
                 raise UserError(f"trainer: {str(err).splitlines()[0]} (see `python -m lightning_diffusion "
                                 f"{self.subcommand} --help`)") from err
+            check_accumulation(trainer, self.model)  # Lightning does not check it (0 would divide by zero)
             seed = self._get(self.config, "seed_everything")
             if seed is not False:
                 logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
