@@ -240,6 +240,12 @@ class VAEGAN(LightningModule):
         return terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # The adaptive weight's autograd.grad keeps the graph for the backward: compiled (AOT) backwards must not
+        # donate (reuse) their saved buffers, which torch decides when it compiles a graph, here on the first step.
+        with torch._functorch.config.patch(donated_buffer=False):
+            self._training_step(batch, batch_idx)
+
+    def _training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.nonfinite.remember_norm_stats(self)
         opt_ae, opt_disc = self.optimizers()
         x = batch["image"]
