@@ -12,11 +12,13 @@ import pytest
 import torch
 from denoiser_support import TINY_UNET, fixed_batch, loader
 from lightning.pytorch import Trainer
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_diffusion.autoencoder import VAEGAN
 from lightning_diffusion.clip import CLIPModule
 from lightning_diffusion.diffusion.module import Denoiser
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.training.throughput import ThroughputMFU
 
 COMPILE = dict(compile=True, compile_backend="aot_eager")
 TINY_VAE = dict(image_size=16, channels=16, channel_mults=[1, 2], num_blocks=1, latent_channels=4, disc_channels=8,
@@ -31,10 +33,11 @@ def pair(cls: type, **kwargs: Any) -> tuple[Any, Any]:
     return eager, cls(**kwargs, **COMPILE)
 
 
-def fit(model: Any, data: Any, steps: int, tmp_path: Path, ckpt_path: str | None = None) -> Trainer:
+def fit(model: Any, data: Any, steps: int, tmp_path: Path, ckpt_path: str | None = None,
+        callbacks: list[Any] | None = None) -> Trainer:
     trainer = Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=False,
                       enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0,
-                      num_sanity_val_steps=0, default_root_dir=tmp_path)
+                      num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=callbacks)
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return trainer
 
@@ -48,11 +51,15 @@ def test_denoiser_compiled_matches_eager_and_fits_and_resumes(tmp_path: Path) ->
     eager, compiled = pair(Denoiser, conditioning="class", num_classes=4, **TINY_UNET)
     batch = fixed_batch(4)
     x, t = batch["image"], torch.tensor([1, 10, 100, 900])
-    expected = eager(x, t, eager.make_condition(labels=batch["label"]))
+    with FlopCounterMode(display=False) as eager_flops:
+        expected = eager(x, t, eager.make_condition(labels=batch["label"]))
+        expected.square().mean().backward()
     got = compiled(x, t, compiled.make_condition(labels=batch["label"]))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert_plain_keys(eager, compiled)
-    trainer = fit(compiled, loader(batch, 2), 2, tmp_path)  # EMA on: the averaged copy of a compiled U-Net
+    monitor = ThroughputMFU(peak_flops=1e11, window_size=2)  # counts the compiled graphs' FLOPs on the first batch
+    trainer = fit(compiled, loader(batch, 2), 2, tmp_path, callbacks=[monitor])  # EMA on: averaging a compiled U-Net
+    assert monitor.flops_per_batch == eager_flops.get_total_flops()
     checkpoint = Path(trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path)
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     eager.load_state_dict(state)  # a compiled run's checkpoint loads into an eager model
