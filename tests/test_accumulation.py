@@ -160,3 +160,37 @@ def test_clip_steps_every_n_batches(tmp_path: Path) -> None:
 def test_zero_accumulation_is_a_user_error() -> None:
     with pytest.raises(UserError, match="model.accumulate_grad_batches"):
         VAEGAN(accumulate_grad_batches=0, **TINY_VAE)
+
+
+def test_vae_gan_a_skipped_batch_leaves_its_whole_window_out(tmp_path: Path) -> None:
+    """`nonfinite_loss: skip` with accumulation: a NaN in the first batch of a window drops that window's step (the
+    other batch's gradients too), and global_step still counts it."""
+    torch.manual_seed(0)
+    before = {name: p.detach().clone() for name, p in VAEGAN(**TINY_VAE).named_parameters()}
+    image = fixed_batch(4)["image"]
+    nan_image = image.clone()
+    nan_image[0, 0, 0, 0] = float("nan")
+    data = DataLoader([{"image": nan_image}, {"image": image}, {"image": image}, {"image": image}], batch_size=None)
+    for steps in (1, 2):
+        torch.manual_seed(0)
+        model, watch = VAEGAN(accumulate_grad_batches=2, nonfinite_loss="skip", **TINY_VAE), StepWatch()
+        Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=False, callbacks=[watch],
+                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                default_root_dir=tmp_path).fit(model, data)
+        assert model.global_step == steps and watch.grads[0] == {}  # the first step ran with no gradients at all
+        unchanged = all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+        assert unchanged == (steps == 1)
+
+
+def test_denoiser_a_skipped_batch_leaves_its_whole_window_out(tmp_path: Path) -> None:
+    data = [fixed_batch(4, seed=i) for i in range(4)]
+    data[0]["image"][0, 0, 0, 0] = float("nan")  # the first batch of the first window
+    for steps in (1, 2):
+        torch.manual_seed(0)
+        model = Denoiser(conditioning="class", num_classes=4, ema_decay=None, nonfinite_loss="skip", **TINY_UNET)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=False,
+                accumulate_grad_batches=2, enable_checkpointing=False, enable_model_summary=False,
+                enable_progress_bar=False, default_root_dir=tmp_path).fit(model, DataLoader(data, batch_size=None))
+        unchanged = all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+        assert model.global_step == steps and unchanged == (steps == 1)
