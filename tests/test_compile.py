@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_diffusion.autoencoder import VAEGAN
 from lightning_diffusion.clip import CLIPModule
+from lightning_diffusion.commands.sample import load_denoiser
 from lightning_diffusion.diffusion.module import Denoiser
 from lightning_diffusion.errors import UserError
 from lightning_diffusion.training.throughput import ThroughputMFU
@@ -63,6 +64,7 @@ def test_denoiser_compiled_matches_eager_and_fits_and_resumes(tmp_path: Path) ->
     checkpoint = Path(trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path)
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     eager.load_state_dict(state)  # a compiled run's checkpoint loads into an eager model
+    assert load_denoiser(checkpoint).unet._compiled_call_impl is None  # `sample` runs eager
     assert fit(compiled, loader(batch, 4), 3, tmp_path, ckpt_path=str(checkpoint)).global_step == 3
 
 
@@ -76,8 +78,11 @@ def test_vae_gan_compiled_matches_eager_and_trains_through_the_adaptive_weight(t
     torch.testing.assert_close(compiled.discriminator(x), eager.discriminator(x), rtol=1e-4, atol=1e-5)
     assert_plain_keys(eager, compiled)
     data = torch.utils.data.DataLoader([{"image": image} for image in fixed_batch(8)["image"]], batch_size=4)
-    assert fit(compiled, data, 2, tmp_path).global_step == 2  # step 1 runs the GAN (disc_start 1)
+    trainer = fit(compiled, data, 2, tmp_path)
+    assert compiled.global_step == 2  # step 1 runs the GAN (disc_start 1)
     assert all(torch.isfinite(p).all() for p in compiled.parameters())
+    frozen = VAEGAN.load_frozen(trainer.checkpoint_callback.best_model_path)  # e.g. for the denoiser: eager
+    assert frozen.encoder._compiled_call_impl is None and compiled.encoder._compiled_call_impl is not None
 
 
 def test_clip_compiled_towers_match_eager(tmp_path: Path) -> None:

@@ -183,6 +183,7 @@ class VAEGAN(LightningModule):
 
         checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key="model.vae_checkpoint")
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        hparams["compile"] = False  # a training option: a frozen autoencoder runs eager
         try:
             with _own_hyperparameters():
                 model = cls(**hparams)
