@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.training.accumulation import check_accumulation
 
 TRAINER_COMMANDS: dict[str, str] = {
     "fit": "train a model (VAE-GAN, CLIP or denoiser, chosen by the config's model.class_path)",
@@ -143,6 +144,7 @@ def run_lightning(args: list[str]) -> None:
                                 f"{self.subcommand} --help`)") from err
             pin_checkpoint_dirs(trainer)
             require_weights_only_io(trainer, bool(self.config[self.subcommand].get("allow_url_ckpt_path")))
+            check_accumulation(trainer, self.model)  # Lightning does not check it (0 would divide by zero)
             seed = self._get(self.config, "seed_everything")
             if seed is not False:
                 logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")

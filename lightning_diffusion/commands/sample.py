@@ -54,7 +54,7 @@ def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
     if "objective" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' (--ckpt) is not a denoiser checkpoint: pass one written by "
                         f"`python -m lightning_diffusion fit --config configs/denoiser/...`")
-    kwargs = {key: value for key, value in hparams.items() if not key.startswith("_")}
+    kwargs = {key: value for key, value in hparams.items() if not key.startswith("_")} | {"compile": False}
     kwargs.update({key: value for key, value in overrides.items() if value is not None})
     model = Denoiser(**kwargs)
     trained = checkpoint["state_dict"].get("unet.out.2.weight")  # [sample channels, C, 3, 3]

@@ -37,9 +37,11 @@ from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, stored_
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.training.compile import maybe_compile
 from lightning_diffusion.training.nonfinite import (
     NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
 )
+from lightning_diffusion.training.optim import decay_groups
 
 Objective = Literal["eps", "v", "x0", "flow"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
@@ -75,6 +77,7 @@ class Denoiser(LightningModule):
         gradient_checkpointing: bool = False,
         feed_forward: bool = False,
         channels_last: bool = False,
+        compile: bool = False, compile_backend: str = "inductor", compile_mode: str | None = None,  # noqa: A002
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -123,6 +126,7 @@ class Denoiser(LightningModule):
             lowres_channels=3 if "lowres" in self.kinds else 0, gradient_checkpointing=gradient_checkpointing,
             feed_forward=feed_forward, channels_last=channels_last,
         )
+        maybe_compile(compile, [self.unet], compile_backend, compile_mode)  # in place: state_dict keys unchanged
         self.null = NullCondition(conditioning, text_width, pooled_dim, num_classes)
         self._grid_step: int | None = None
         self._reference: dict[str, Any] | None = None
@@ -274,7 +278,7 @@ class Denoiser(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(decay_groups(self, hp.weight_decay), lr=hp.lr)  # no decay: norms, biases, ...
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
