@@ -271,3 +271,60 @@ def test_cfg_rescale_matches_diffusers_guidance_rescale() -> None:
     for phi in (0.0, 0.7, 1.0):
         ours = classifier_free_guidance(model, cond, null, 5.0, rescale=phi)(x, t)
         torch.testing.assert_close(ours, rescale_noise_cfg(guided, conditional, guidance_rescale=phi))
+
+
+# zero terminal SNR (Lin et al. 2023) --------------------------------------------------------------------------
+
+
+def exact_v(schedule: NoiseSchedule):
+    """The exact v-network of N(MU, S^2 I), also at abar = 0: x0* = MU + a S^2 (x_t - a MU) / (a^2 S^2 + s^2)."""
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = schedule.alpha_bar(t).to(x).view(-1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        x0 = MU.to(x) + a * S**2 * (x - a * MU.to(x)) / (abar * S**2 + 1 - abar)
+        return a * (x - a * x0) / s - s * x0
+
+    return network
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_zero_terminal_snr_schedule_matches_diffusers_and_trailing_ddim_matches_its_loop(name: str) -> None:
+    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    from lightning_diffusion.diffusion.noise_grids import discrete_timesteps
+    from lightning_diffusion.diffusion.samplers import ddim_sample, ddpm_sample
+
+    plain, schedule = make_schedule(name), make_schedule(name, zero_terminal_snr=True)
+    torch.testing.assert_close(schedule.betas, rescale_zero_terminal_snr(plain.betas.clone()), rtol=0, atol=1e-12)
+    assert schedule.alphas_cumprod[-1] == 0
+    assert schedule.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-12)
+
+    network, steps = exact_v(schedule), 10
+    reference = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear" if name == "linear" else "squaredcos_cap_v2",
+                              clip_sample=False, set_alpha_to_one=True, prediction_type="v_prediction",
+                              timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    reference.alphas_cumprod = schedule.alphas_cumprod.clone()
+    reference.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    reference.set_timesteps(steps)
+    start = x_T(10, 64)
+    x = start
+    for t in reference.timesteps:
+        x = reference.step(network(x, t.expand(len(x))), t, x, eta=0.0).prev_sample
+    denoiser = SamplingDenoiser(network, "v", schedule)
+    timesteps = discrete_timesteps(T, steps, "trailing")
+    assert timesteps[0] == T - 1  # the first step is at zero SNR: pure noise, as the sampler's start
+    torch.testing.assert_close(ddim_sample(denoiser, start, timesteps), x, rtol=0, atol=1e-10)
+    generator = torch.Generator().manual_seed(11)
+    assert_recovers_data(ddpm_sample(denoiser, x_T(12), discrete_timesteps(T, T), generator))
+    sigmas = sigma_grid(denoiser, 60, "discrete", spacing="trailing")
+    assert torch.isfinite(sigmas).all()  # sigma-space samplers start at the largest finite level
+    assert_recovers_data(dpmpp_2m_sample(denoiser, x_T(13) * denoiser.prior_scale(float(sigmas[0])), sigmas), 0.01)
+
+
+def test_zero_terminal_snr_needs_a_v_or_x0_model() -> None:
+    from lightning_diffusion.diffusion.module import Denoiser
+
+    with pytest.raises(UserError, match="model.zero_terminal_snr needs model.objective v"):
+        Denoiser(image_size=8, conditioning="none", objective="eps", zero_terminal_snr=True)

@@ -132,8 +132,9 @@ class SamplingDenoiser:
 
     def sigma_range(self) -> tuple[float, float]:
         """The smallest and largest noise level the network was trained on (EDM's 0.002..80 for flow / edm)."""
-        if self.is_vp:
-            return float(self.schedule.sigmas[0]), float(self.schedule.sigmas[-1])
+        if self.is_vp:  # a zero-terminal-SNR schedule's last sigma is infinite: start at the largest finite one
+            finite = self.schedule.sigmas[torch.isfinite(self.schedule.sigmas)]
+            return float(finite[0]), float(finite[-1])
         return 0.002, 80.0
 
     # ------------------------------------------------------------------ predictions

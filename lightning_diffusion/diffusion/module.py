@@ -54,6 +54,7 @@ class Denoiser(LightningModule):
         objective: Objective = "eps",
         schedule: ScheduleName = "cosine",
         num_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
         min_snr_gamma: float | None = None,
         space: Literal["pixel", "latent"] = "pixel",
         vae_checkpoint: str | None = None,
@@ -99,7 +100,10 @@ class Denoiser(LightningModule):
         check_options(objective, val_sampler, sampling or {}, "model.sampling.")
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "denoiser",
                                         "lower model.lr, or use trainer.precision 32-true / bf16-mixed, not 16-mixed")
-        self.schedule = make_schedule(schedule, num_timesteps)
+        if zero_terminal_snr and objective not in ("v", "x0"):
+            raise UserError(f"model.zero_terminal_snr needs model.objective v (or x0): at zero SNR the input is pure "
+                            f"noise, so {objective!r} has nothing to predict")
+        self.schedule = make_schedule(schedule, num_timesteps, zero_terminal_snr)
 
         self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
         self._text_encoder = Frozen(load_text_encoder(text_encoder, clip_checkpoint)) if "text" in self.kinds else None

@@ -62,7 +62,8 @@ def sigma_grid(denoiser: SamplingDenoiser, steps: int, grid: Grid = "karras", *,
 
     ``karras``: from ``min(sigma_max, the model's largest)`` down to its smallest sigma. EDM's 80 (signal rate
     1/80, near the linear schedule's 1/157 at t = T-1) saves the steps the cosine schedule's ~2e4 tail would
-    spend; ``None`` starts at the model's top. ``discrete``: the sigmas of ``discrete_timesteps`` (VP only).
+    spend; ``None`` starts at the model's top. ``discrete``: the sigmas of ``discrete_timesteps`` (VP only; on a
+    zero-terminal-SNR schedule without the infinite first level: DDIM / DDPM start there exactly).
     """
     low, high = denoiser.sigma_range()
     if grid == "karras":
@@ -73,6 +74,7 @@ def sigma_grid(denoiser: SamplingDenoiser, steps: int, grid: Grid = "karras", *,
                             "use grid karras")
         schedule = denoiser.schedule
         sigmas = schedule.sigmas[discrete_timesteps(schedule.num_timesteps, steps, spacing)]
+        sigmas = sigmas[torch.isfinite(sigmas)]  # zero terminal SNR: sigma-space samplers start below infinity
     else:
         raise UserError(f"unknown sigma grid {grid!r}; use 'karras' or 'discrete'")
     if denoiser.is_vp and denoiser.discrete:
