@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = next(row for row in rows if row["sampler"] == "ddpm")
     best, few = best_within(rows, BUDGET), best_within(rows, FEW)
     p5b = None if few is None else {
-        "ratio": round(few["fd"] / reference["fd"], 3), "target": "<= 1.1", "passed": few["fd"] / reference["fd"] <= 1.1,
+        "ratio": round(few["fd"] / reference["fd"], 3), "target": "<= 1.1",
+        "passed": few["fd"] / reference["fd"] <= 1.1,
         "best": f"{label(few)} {few['steps']} steps ({few['nfe']} NFE)",
         "ratio_definition": f"best Fréchet distance with <= {FEW} evaluations / DDPM-{reference['steps']}'s"}
     out_dir = (Path(__file__).parent / "results" / ("quick" if args.quick else ""))

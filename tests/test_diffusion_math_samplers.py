@@ -194,7 +194,8 @@ def test_ddim_sample_matches_diffusers_loop(eta: float) -> None:
     x = start
     for t in reference.timesteps:
         x = reference.step(model_fn(x, t.expand(len(x))), t, x, eta=eta, generator=generator).prev_sample
-    got = ddim_sample(vp(model_fn, schedule), start, ddim_timesteps(T, steps), torch.Generator().manual_seed(5), eta=eta)
+    got = ddim_sample(vp(model_fn, schedule), start, ddim_timesteps(T, steps), torch.Generator().manual_seed(5),
+                      eta=eta)
     torch.testing.assert_close(got, x, rtol=0, atol=1e-6)
 
 
@@ -297,7 +298,8 @@ def test_ddim_50_steps_has_the_exact_moments_and_converges_to_the_data(eta: floa
     # discretisation, not the code, since the sampler matches the exact moments above; the limit is the data
     assert abs(std - S) / S < (0.1 if eta == 0 else 0.2)
     assert abs(ddim_moments(schedule, T, eta)[1] - S) / S < 0.02  # 0.2985 at eta = 0, 0.2963 at eta = 1
-    assert_recovers_data(ddim_sample(denoiser, x_T(22), ddim_timesteps(T, T), torch.Generator().manual_seed(2), eta=eta))
+    assert_recovers_data(ddim_sample(denoiser, x_T(22), ddim_timesteps(T, T), torch.Generator().manual_seed(2),
+                                     eta=eta))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])

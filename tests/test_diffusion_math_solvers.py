@@ -302,7 +302,8 @@ def test_zero_terminal_snr_schedule_matches_diffusers_and_trailing_ddim_matches_
     assert schedule.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-12)
 
     network, steps = exact_v(schedule), 10
-    reference = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear" if name == "linear" else "squaredcos_cap_v2",
+    diffusers_name = "linear" if name == "linear" else "squaredcos_cap_v2"
+    reference = DDIMScheduler(num_train_timesteps=T, beta_schedule=diffusers_name,
                               clip_sample=False, set_alpha_to_one=True, prediction_type="v_prediction",
                               timestep_spacing="trailing", rescale_betas_zero_snr=True)
     reference.alphas_cumprod = schedule.alphas_cumprod.clone()

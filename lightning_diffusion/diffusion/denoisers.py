@@ -78,14 +78,13 @@ class SamplingDenoiser:
     """
 
     def __init__(self, network: NetworkFn, prediction: PredictionType, schedule: NoiseSchedule | None = None, *,
-                 clip_x0: float | None = None, threshold: ThresholdFn | None = None, discrete: bool = True,
-                 sigma_data: float = 0.5) -> None:
+                 clip_x0: float | None = None, threshold: ThresholdFn | None = None, discrete: bool = True) -> None:
         if prediction not in get_args(PredictionType):
             raise UserError(f"unknown prediction type {prediction!r}; use one of {get_args(PredictionType)}")
         if prediction in VP_PREDICTIONS and schedule is None:
             raise ValueError(f"prediction {prediction!r} needs the VP noise schedule")
         self.network, self.prediction, self.schedule = network, prediction, schedule
-        self.clip_x0, self.threshold, self.discrete, self.sigma_data = clip_x0, threshold, discrete, sigma_data
+        self.clip_x0, self.threshold, self.discrete = clip_x0, threshold, discrete
         self._raw: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = self._network_x0_eps
 
     @property
@@ -145,7 +144,8 @@ class SamplingDenoiser:
     def x0_eps_at(self, x_in: Tensor, time: Tensor | int | float) -> tuple[Tensor, Tensor]:
         """``(x0_hat, eps_hat)`` for the network input ``x_in`` at its time (an int, a float, or a tensor [B])."""
         if not isinstance(time, Tensor):
-            dtype = torch.long if isinstance(time, int) else torch.float64 if x_in.dtype == torch.float64 else torch.float32
+            dtype = torch.long if isinstance(time, int) else (
+                torch.float64 if x_in.dtype == torch.float64 else torch.float32)
             time = torch.full((x_in.shape[0],), time, dtype=dtype, device=x_in.device)
         x0, eps = self._raw(x_in, time)
         if self.threshold is None and self.clip_x0 is None:

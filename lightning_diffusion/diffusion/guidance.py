@@ -94,7 +94,8 @@ def classifier_guided(denoiser: SamplingDenoiser, classifier_log_prob: Callable[
             x_grad = x_in.detach().requires_grad_(True)
             log_prob = classifier_log_prob(x_grad, time)
             if log_prob.shape != (x_in.shape[0],):
-                raise ValueError(f"classifier_log_prob must return shape [{x_in.shape[0]}]; got {tuple(log_prob.shape)}")
+                raise ValueError(f"classifier_log_prob must return shape [{x_in.shape[0]}]; "
+                                 f"got {tuple(log_prob.shape)}")
             (grad,) = torch.autograd.grad(log_prob.sum(), x_grad)
         signal, noise = denoiser.rates(time, x_in)
         eps = eps - scale * noise * grad.to(x_in.dtype)

@@ -36,7 +36,7 @@ def _abar(denoiser: SamplingDenoiser, t: int) -> float:
     return 1.0 if t < 0 else float(denoiser.schedule.alphas_cumprod[t])
 
 
-def _report(callback: Callback | None, step: int, x: Tensor, x0: Tensor) -> None:
+def report(callback: Callback | None, step: int, x: Tensor, x0: Tensor) -> None:
     if callback is not None:
         callback(step, x, x0)
 
@@ -95,7 +95,7 @@ def ddpm_sample(denoiser: SamplingDenoiser, x: Tensor, timesteps: Sequence[int],
     for i, t in enumerate(tqdm(timesteps, desc="DDPM", disable=not progress)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         x, x0 = ddpm_step(denoiser, x, t, t_prev, variance, generator)
-        _report(callback, i, x, x0)
+        report(callback, i, x, x0)
     return x
 
 
@@ -108,7 +108,7 @@ def ddim_sample(denoiser: SamplingDenoiser, x: Tensor, timesteps: Sequence[int],
     for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         x, x0 = ddim_step(denoiser, x, t, t_prev, eta, generator)
-        _report(callback, i, x, x0)
+        report(callback, i, x, x0)
     return x
 
 
@@ -122,7 +122,7 @@ def _ode(denoiser: SamplingDenoiser, x: Tensor, sigmas: Tensor, heun: bool, call
         if heun and sigma_next > 0:
             x_next = x + (sigma_next - sigma) * (d + denoiser.x0_eps(x_next, sigma_next)[1]) / 2
         x = x_next
-        _report(callback, i, x, x0)
+        report(callback, i, x, x0)
     return x
 
 
@@ -149,20 +149,20 @@ def _flow(denoiser: SamplingDenoiser, x: Tensor, times: Sequence[float], heun: b
     if denoiser.prediction != "flow":
         raise UserError(f"flow samplers integrate a flow model; this one is {denoiser.prediction!r}")
 
-    def velocity(x: Tensor, t: float) -> Tensor:
+    def velocity(x: Tensor, t: float) -> tuple[Tensor, Tensor]:
         x0, eps = denoiser.x0_eps_at(x, t)
-        return x0 - eps
+        return x0, x0 - eps
 
     steps = len(times) - 1
     name = f"flow ({'heun' if heun else 'euler'})"
     for i in tqdm(range(steps), desc=name, disable=not progress):
         t, t_next = float(times[i]), float(times[i + 1])
-        d = velocity(x, t)
+        x0, d = velocity(x, t)
         x_next = x + (t_next - t) * d
         if heun:
-            x_next = x + (t_next - t) * (d + velocity(x_next, t_next)) / 2
+            x_next = x + (t_next - t) * (d + velocity(x_next, t_next)[1]) / 2
         x = x_next
-        _report(callback, i, x, x)
+        report(callback, i, x, x0)
     return x
 
 

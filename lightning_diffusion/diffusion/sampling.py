@@ -27,7 +27,9 @@ from lightning_diffusion.diffusion.samplers import (
     ddim_sample, ddpm_sample, euler_sample, flow_euler_sample, flow_heun_sample, heun_sample,
 )
 from lightning_diffusion.diffusion.seeding import Generator, SampleGenerators, initial_noise
-from lightning_diffusion.diffusion.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, edm_sample, euler_ancestral_sample
+from lightning_diffusion.diffusion.solvers import (
+    dpmpp_2m_sample, dpmpp_2m_sde_sample, edm_sample, euler_ancestral_sample,
+)
 from lightning_diffusion.errors import UserError
 
 SamplerName = Literal["ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral", "edm"]
@@ -190,7 +192,7 @@ def generate(model: Any, captions: list[str] | None = None, labels: Any = None, 
             return model(x, t, condition)
     if model_wrapper is not None:
         network = model_wrapper(network)
-    denoiser = build_denoiser(network, hp.objective, model.schedule, options, pixel=model._vae is None)
+    denoiser = build_denoiser(network, hp.objective, model.schedule, options, pixel=hp.space == "pixel")
     if denoiser_wrapper is not None:
         denoiser = denoiser_wrapper(denoiser)
     generator = SampleGenerators.for_batch(seed, first_index, n, model.device)
@@ -206,14 +208,17 @@ def add_sampling_arguments(parser: Any) -> None:
                              "(default: the model's validation sampler)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--eta", type=float, default=None,
-                        help="noise of ddim (0 = deterministic, 1 = DDPM), euler_ancestral and dpmpp_2m_sde (default 1)")
+                        help="noise of ddim (0 = deterministic, 1 = DDPM), euler_ancestral and dpmpp_2m_sde "
+                             "(default 1)")
     parser.add_argument("--variance", choices=("posterior", "beta"), default=None, help="ddpm: step variance")
     parser.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
                         help="timestep spacing of ddim/ddpm (default leading) and of --grid discrete (trailing)")
     parser.add_argument("--grid", choices=("karras", "discrete"), default=None,
                         help="sigma grid of the sigma-space samplers: karras (default) or the schedule's steps")
-    parser.add_argument("--rho", type=float, default=None, help="karras grid: rho (default 7; larger = finer at low noise)")
-    parser.add_argument("--s-churn", type=float, default=None, help="edm sampler: S_churn, added noise (0 = ODE; 40-80)")
+    parser.add_argument("--rho", type=float, default=None,
+                        help="karras grid: rho (default 7; larger = finer at low noise)")
+    parser.add_argument("--s-churn", type=float, default=None,
+                        help="edm sampler: S_churn, added noise (0 = ODE; 40-80)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="dynamic thresholding of x0_hat at this percentile (Imagen; e.g. 0.995)")
     parser.add_argument("--clip", type=float, default=None,

@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_diffusion.diffusion.denoisers import SamplingDenoiser
-from lightning_diffusion.diffusion.samplers import Callback, _report
+from lightning_diffusion.diffusion.samplers import Callback, report
 from lightning_diffusion.diffusion.seeding import Generator, noise_like
 from lightning_diffusion.errors import UserError
 
@@ -41,7 +41,7 @@ def dpmpp_2m_sample(denoiser: SamplingDenoiser, x: Tensor, sigmas: Tensor, gener
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous
             x = (sigma_next / sigma) * x - math.expm1(-h) * d
         previous = x0
-        _report(callback, i, x, x0)
+        report(callback, i, x, x0)
     return x
 
 
@@ -68,7 +68,7 @@ def dpmpp_2m_sde_sample(denoiser: SamplingDenoiser, x: Tensor, sigmas: Tensor, g
             if eta > 0:
                 x = x + noise_like(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
         previous = x0
-        _report(callback, i, x, x0)
+        report(callback, i, x, x0)
     return x
 
 
@@ -95,7 +95,7 @@ def euler_ancestral_sample(denoiser: SamplingDenoiser, x: Tensor, sigmas: Tensor
         x = x + (down - sigma) * d
         if up > 0:
             x = x + noise_like(x, generator) * s_noise * up
-        _report(callback, i, x, x0)
+        report(callback, i, x, x0)
     return x
 
 
@@ -122,5 +122,5 @@ def edm_sample(denoiser: SamplingDenoiser, x: Tensor, sigmas: Tensor, generator:
         if sigma_next > 0:
             x_next = x + (sigma_next - sigma_hat) * (d + denoiser.x0_eps(x_next, sigma_next)[1]) / 2
         x = x_next
-        _report(callback, i, x, x0)
+        report(callback, i, x, x0)
     return x
