@@ -213,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed if args.posterior == "sample" else None,
         "text_encoder_checkpoint": args.text_encoder, "text_encoder_kind": text_spec.kind if text_spec else None,
         "text_encoder_sha256": text_spec.fingerprint() if text_spec else None,
+        "text_encoder_arch": text_spec.arch if text_spec else None,
+        "text_layer": text_spec.layer if text_spec else None,
         "skipped_samples": int(sum(data.skipped_samples.values())),
     }
     write_manifest(out, {"dataset": out.name, "created_by": CREATED_BY, "image_size": image_size,

@@ -111,8 +111,9 @@ def check_pre_encoded(urls: Sequence[str], tensor_keys: Sequence[str], *, latent
             stored_kind = record.get("text_encoder_kind", "clip")
             if stored_kind != text_encoder.kind or record["text_encoder_sha256"] != text_fingerprint():
                 what = "CLIP" if stored_kind == text_encoder.kind == "clip" else "text encoder"
+                layer = f", {record['text_layer']} layer" if stored_kind == "hf_clip" and record.get("text_layer") else ""
                 raise UserError(f"the text embeddings in {folder} come from another {what} ({stored_kind} "
-                                f"{record.get('text_encoder_checkpoint')}) than this denoiser's "
+                                f"{record.get('text_encoder_checkpoint')}{layer}) than this denoiser's "
                                 f"({text_encoder.describe()}): {fix} {flags}, or drop "
                                 f"{'/'.join(TEXT_ENTRIES)} from data.tensor_keys")
 

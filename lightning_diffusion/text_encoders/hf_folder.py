@@ -77,9 +77,19 @@ def load_model(cls: Any, folder: Path, key: str) -> torch.nn.Module:
     state = load_checkpoint(folder / PICKLE, what=f"{cls.__name__} weights", key=key)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
-    missing = [name for name in own if name not in state]
+    found = {name: _find(state, name) for name in own}
+    missing = [name for name, value in found.items() if value is None]
     if missing:
         raise UserError(f"{key}: '{folder / PICKLE}' lacks {len(missing)} weights of {cls.__name__} (first: "
                         f"{missing[0]}): the file does not match its config.json")
-    model.load_state_dict({name: state[name] for name in own}, strict=True)
+    model.load_state_dict(found, strict=True)
     return model.float().eval()
+
+
+def _find(state: dict[str, Any], name: str) -> Any:
+    """A weight under the names older files use: with or without the `text_model.` prefix (transformers < 5, a
+    full CLIPModel), and T5's token embedding saved once as `shared.weight`."""
+    aliases = (name, f"text_model.{name}", name.removeprefix("text_model."))
+    if name == "encoder.embed_tokens.weight":
+        aliases += ("shared.weight",)
+    return next((state[alias] for alias in aliases if alias in state), None)

@@ -60,7 +60,7 @@ def load_open_clip(path: str | None, arch: str | None, key: str) -> tuple[nn.Mod
         model = open_clip.create_model(name, pretrained=pretrained)
     except pickle.UnpicklingError as err:
         raise refused(weights, "open_clip weights", key, err) from err
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, AssertionError) as err:  # open_clip asserts on shape mismatches
         raise UserError(f"{key}: '{weights}' could not be loaded into {arch or 'its open_clip_config.json model'} "
                         f"({str(err).splitlines()[0]}): check that the weights belong to this architecture") from err
     return model, open_clip.get_tokenizer(name), config
