@@ -223,3 +223,31 @@ def test_encode_latents_cli_names_a_missing_folder_and_exits_2(tmp_path: Path) -
     assert result.stderr.strip().splitlines()[-1].startswith("error: --text-encoder '")
     assert "nowhere' is not a folder" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overlay, expected", [
+    ("text_sd15_clip_tiny", {"text_encoder": "hf_clip", "text_encoder_path": "pretrained/clip-vit-large-patch14"}),
+    ("text_sd2_clip_tiny", {"text_encoder": "hf_clip", "text_layer": "penultimate"}),
+    ("text_open_clip_tiny", {"text_encoder": "open_clip", "text_encoder_arch": "ViT-L-14"}),
+    ("text_t5_tiny", {"text_encoder": "t5", "text_encoder_path": "pretrained/flan-t5-base"}),
+])
+def test_the_text_encoder_overlays_set_plain_arguments_and_a_run_folder(overlay: str, expected: dict,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """Merged with latent_text_tiny.yaml (LightningCLI type-checks them), an overlay sets the encoder by plain typed
+    arguments and moves every output into its own run folder."""
+    import yaml
+
+    from lightning_diffusion.cli import main
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "denoiser"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(folder / "latent_text_tiny.yaml"), "--config", str(folder / f"{overlay}.yaml"),
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    merged = yaml.safe_load(capsys.readouterr().out)
+    args = merged["model"]["init_args"]
+    assert {key: args[key] for key in expected} == expected
+    root = merged["trainer"]["default_root_dir"]
+    assert root == f"runs/denoiser_{overlay}"
+    dirpaths = [c["init_args"]["dirpath"] for c in merged["trainer"]["callbacks"] if c["init_args"].get("dirpath")]
+    assert dirpaths and all(path.startswith(root + "/") for path in dirpaths)
