@@ -37,7 +37,7 @@ def export_denoiser(ckpt: Path, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in checkpoint["state_dict"].items()}, str(out / WEIGHTS_NAME))
     config = {"format": FORMAT, "source": str(ckpt), "hyper_parameters": kwargs}
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=list) + "\n")
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     frozen = ", ".join(f"{key} {kwargs[key]}" for key in ("vae_checkpoint", "clip_checkpoint", "text_encoder_path")
                        if kwargs.get(key))
     return (f"{len(checkpoint['state_dict'])} tensors in {WEIGHTS_NAME}, arguments in {CONFIG_NAME} "

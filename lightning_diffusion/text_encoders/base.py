@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(nn.Module, ABC):
     """Captions -> per-token states, a padding mask and a pooled vector.
 
     Subclasses set `tokenizer` (a picklable `list[str] -> LongTensor[B, L]`, the DataModule's tokenizer hook),
@@ -25,13 +26,13 @@ class TextEncoder(nn.Module):
         """Token ids [B, context_length], padded and truncated as the encoder expects."""
         return self.tokenizer(list(captions))
 
+    @abstractmethod
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, L] -> (states [B, L, width], pooled [B, pooled_dim])."""
-        raise NotImplementedError
 
+    @abstractmethod
     def token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """bool [B, L]: True at the real (non-padding) tokens the denoiser's cross-attention may read."""
-        raise NotImplementedError
 
 
 def up_to_first(tokens: torch.Tensor, token_id: int) -> torch.Tensor:
