@@ -6,8 +6,6 @@ is stored by encode-latents, and a wrong folder is one line naming what is missi
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -209,19 +207,19 @@ def test_encode_latents_stores_an_hf_clip_folder_and_the_denoiser_checks_it(pret
         fit("last")
 
 
-def test_encode_latents_cli_names_a_missing_folder_and_exits_2(tmp_path: Path) -> None:
+def test_encode_latents_cli_names_a_missing_folder_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lightning_diffusion.cli import main
     from test_encode_latents import tiny_vae_checkpoint, write_image_shards
 
     write_image_shards(tmp_path / "images")
     tiny_vae_checkpoint(tmp_path / "vae.ckpt")
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_diffusion", "encode-latents", "--vae", str(tmp_path / "vae.ckpt"),
-         "--in", str(tmp_path / "images" / "train-*.tar"), "--out", str(tmp_path / "out"), "--device", "cpu",
-         "--text-encoder", str(tmp_path / "nowhere"), "--text-encoder-kind", "t5"],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --text-encoder '")
-    assert "nowhere' is not a folder" in result.stderr and "Traceback" not in result.stderr
+    code = main(["encode-latents", "--vae", str(tmp_path / "vae.ckpt"), "--in", str(tmp_path / "images" / "train-*.tar"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu", "--text-encoder", str(tmp_path / "nowhere"),
+                 "--text-encoder-kind", "t5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --text-encoder '")
+    assert "nowhere' is not a folder: point it at a Hugging Face T5EncoderModel folder" in err[0]
     assert not (tmp_path / "out").exists()
 
 
