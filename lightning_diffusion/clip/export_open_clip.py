@@ -84,4 +84,4 @@ def export_open_clip(ckpt: Path, out: Path) -> str:
         raise UserError(f"the open_clip export of '{ckpt}' does not reproduce its features (max difference "
                         f"{worst:.2g} > {TOLERANCE}): report this with the checkpoint's model_name {arch['model_name']}")
     return (f"{arch['model_name']} as {CONFIG_NAME} + {WEIGHTS_NAME} (features match to {worst:.1g}); load with "
-            "open_clip.create_model_and_transforms('local-dir:OUT')")
+            "open_clip.create_model_and_transforms('local-dir:<--out>')")

@@ -26,9 +26,10 @@ def export_denoiser(ckpt: Path, out: Path) -> str:
     """Write the export folder of denoiser checkpoint `ckpt` into `out`; returns a summary line."""
     from safetensors.torch import save_file
 
-    from lightning_diffusion.training.checkpoints import load_checkpoint
+    from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 
     checkpoint = load_checkpoint(ckpt, what="denoiser checkpoint", key="--ckpt")
+    check_checkpoint_class(checkpoint, "denoiser", path=ckpt, key="--ckpt")
     hparams = checkpoint.get("hyper_parameters") or {}
     if "objective" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"'{ckpt}' (--ckpt) is not a denoiser checkpoint: pass one written by `fit` with a "
@@ -41,7 +42,7 @@ def export_denoiser(ckpt: Path, out: Path) -> str:
     frozen = ", ".join(f"{key} {kwargs[key]}" for key in ("vae_checkpoint", "clip_checkpoint", "text_encoder_path")
                        if kwargs.get(key))
     return (f"{len(checkpoint['state_dict'])} tensors in {WEIGHTS_NAME}, arguments in {CONFIG_NAME} "
-            f"(frozen parts by path: {frozen or 'none'}); sample with --ckpt OUT")
+            f"(frozen parts by path: {frozen or 'none'}); sample with --ckpt <--out>")
 
 
 def read_export(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
