@@ -43,8 +43,8 @@ def sample(ckpt: Path, out: Path) -> np.ndarray:
 
 
 def test_the_folder_samples_the_same_images(checkpoint: Path, tmp_path: Path) -> None:
-    summary = export_denoiser(checkpoint, tmp_path / "export")
-    assert "text_encoder_path" in summary
+    assert main(["export", "--ckpt", str(checkpoint), "--format", "folder", "--out", str(tmp_path / "export")]) == 0
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     config = json.loads((tmp_path / "export" / CONFIG_NAME).read_text())
     hparams = config["hyper_parameters"]
     assert (hparams["objective"], hparams["schedule"], hparams["text_encoder"], hparams["text_layer"]) == \

@@ -68,3 +68,19 @@ def test_not_a_clip_checkpoint_is_named(tmp_path: Path) -> None:
     torch.save({"hyper_parameters": {"objective": "eps"}, "state_dict": {}}, tmp_path / "denoiser.ckpt")
     with pytest.raises(UserError, match=r"denoiser.ckpt' is not a CLIP checkpoint"):
         export_open_clip(tmp_path / "denoiser.ckpt", tmp_path / "out")
+
+
+def test_the_export_command_dispatches_clip_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lightning_diffusion.cli import main
+    from lightning_diffusion.clip import CLIPModule
+
+    torch.manual_seed(0)
+    ckpt = save_module(CLIPModule(model_name="ld-tiny-vit"), tmp_path / "clip.ckpt")
+    assert main(["export", "--ckpt", str(ckpt), "--format", "open_clip", "--out", str(tmp_path / "exported")]) == 0
+    assert "features match" in capsys.readouterr().out
+    model = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}")
+    assert model.visual.image_size == (32, 32)
+    assert main(["export", "--ckpt", str(ckpt), "--format", "folder", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: a clip checkpoint cannot be exported to --format folder: use --format open_clip"]
+    assert not (tmp_path / "other").exists()

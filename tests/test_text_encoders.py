@@ -232,7 +232,7 @@ def test_encode_latents_cli_names_a_missing_folder_and_exits_2(tmp_path: Path, c
 def test_the_text_encoder_overlays_set_plain_arguments_and_a_run_folder(overlay: str, expected: dict,
                                                                         capsys: pytest.CaptureFixture) -> None:
     """Merged with latent_text_tiny.yaml (LightningCLI type-checks them), an overlay sets the encoder by plain typed
-    arguments and moves every output into its own run folder."""
+    arguments and a run folder of its own (which holds every output: no callback names another folder)."""
     import yaml
 
     from lightning_diffusion.cli import main
@@ -247,5 +247,7 @@ def test_the_text_encoder_overlays_set_plain_arguments_and_a_run_folder(overlay:
     assert {key: args[key] for key in expected} == expected
     root = merged["trainer"]["default_root_dir"]
     assert root == f"runs/denoiser_{overlay}"
-    dirpaths = [c["init_args"]["dirpath"] for c in merged["trainer"]["callbacks"] if c["init_args"].get("dirpath")]
-    assert dirpaths and all(path.startswith(root + "/") for path in dirpaths)
+    base = yaml.safe_load((folder / "latent_text_tiny.yaml").read_text())
+    assert [c["class_path"] for c in merged["trainer"]["callbacks"]] == [c["class_path"] for c in
+                                                                         base["trainer"]["callbacks"]]
+    assert not any(c["init_args"].get("dirpath") for c in merged["trainer"]["callbacks"])  # all below root
