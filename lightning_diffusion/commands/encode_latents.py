@@ -1,17 +1,20 @@
-"""`encode-latents`: image shards -> shards of frozen VAE-GAN latents, so the denoiser skips the encoder.
+"""`encode-latents`: image shards -> shards of frozen autoencoder latents, so the denoiser skips the encoder.
+
+`--vae` is a VAE-GAN checkpoint or a diffusers `AutoencoderKL` folder (see `autoencoder.frozen_autoencoder`).
 
 Each output sample keeps the input's `__key__` and caption and holds:
 - `latent.npy`: float32 `[C, h, w]`, the **unscaled** posterior mean (`--mode`, the default) or a posterior
   sample (`--sample`, seeded per key so the result does not depend on batch size or device). Unscaled, as LDM
-  stores them: the denoiser multiplies `batch["latent"]` by its own VAE's `latent_scale` at training time
-  (`Denoiser.batch_x0`), so the shards stay valid if the scale is re-measured.
-- `txt`: the caption; `json`: the VAE checkpoint's sha256, its `latent_scale`, the posterior choice, the image
-  size, and the input's integer `label` when it had one.
-- `text_emb.npy` and `text_pooled.npy` (with `--text-encoder CLIP_CKPT`): float16 `[L, D]` per-token states and
-  `[P]` pooled embedding of the frozen CLIP text tower (`CLIPTextEncoder`), with the number of real tokens as
-  `text_tokens` in the json. A text denoiser whose `model.clip_checkpoint` is that file reads them instead of
-  running its text tower (`data.tensor_keys: [latent.npy, text_emb.npy, text_pooled.npy]`); the manifest's
-  checkpoint hashes let it check that before training.
+  stores them: the denoiser scales `batch["latent"]` with its own VAE's `latent_scale` (and `latent_shift`) at
+  training time (`Denoiser.batch_x0`), so the shards stay valid if the scale is re-measured.
+- `txt`: the caption; `json`: the VAE's sha256 (`autoencoder_sha256`), its `latent_scale` and `latent_shift`, the
+  posterior choice, the image size, and the input's integer `label` when it had one.
+- `text_emb.npy` and `text_pooled.npy` (with `--text-encoder CLIP_CKPT`, or a pretrained encoder chosen by
+  `--text-encoder-kind` open_clip / hf_clip / t5 / minilm, see `lightning_diffusion.text_encoders`): float16
+  `[L, D]` per-token states and `[P]` pooled vector of the frozen text encoder, with the number of real tokens as
+  `text_tokens` in the json. A text denoiser with the same encoder reads them instead of running it
+  (`data.tensor_keys: [latent.npy, text_emb.npy, text_pooled.npy]`); the manifest records the encoder's kind and
+  fingerprint (a file's sha256, a hash of a folder's files) so it can check that before training.
 
 Input is read through `ShardDataModule`'s unshuffled validation stream, one sample per item so nothing is
 dropped for batching; a corrupt input sample is skipped (the stream then repeats an earlier sample, which is
@@ -38,21 +41,29 @@ import torch
 
 from lightning_diffusion.arguments import check_output_dir, device_name, nonnegative_int, positive_int
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.text_encoders.spec import KINDS as TEXT_KINDS, TextEncoderSpec
 
 CREATED_BY = "python -m lightning_diffusion encode-latents"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vae", required=True, help="VAE-GAN checkpoint (a vae_gan stage's .ckpt)")
+    parser.add_argument("--vae", required=True,
+                        help="VAE-GAN checkpoint (a vae_gan stage's .ckpt) or diffusers AutoencoderKL folder")
     parser.add_argument("--text-encoder", default=None,
-                        help="CLIP checkpoint: also store its text tower's per-token states and pooled embedding "
-                             "(text_emb.npy, text_pooled.npy)")
+                        help="also store a text encoder's per-token states and pooled vector (text_emb.npy, "
+                             "text_pooled.npy): a CLIP checkpoint, or the file/folder of --text-encoder-kind")
+    parser.add_argument("--text-encoder-kind", default=None, choices=list(TEXT_KINDS),
+                        help="what --text-encoder is (default clip; minilm needs no path), as model.text_encoder")
+    parser.add_argument("--text-encoder-arch", default=None,
+                        help="open_clip architecture of an open_clip weights file (e.g. ViT-L-14)")
+    parser.add_argument("--text-layer", default="last", choices=["last", "penultimate"],
+                        help="hf_clip states: last layer (SD 1.x) or penultimate (SD 2.x); default last")
     parser.add_argument("--in", dest="urls", required=True, nargs="+",
                         help="input image shards (patterns like 'data/emoji/train-*.tar')")
     parser.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     parser.add_argument("--prefix", default="train", help="shard name prefix and split name (default train)")
     parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="encode at N px (default: the VAE-GAN's image_size; must match the denoiser's)")
+                        help="encode at N px (default: the VAE's image_size / sample_size; must match the denoiser's)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder forward (default 64)")
     posterior = parser.add_mutually_exclusive_group()
     posterior.add_argument("--mode", dest="posterior", action="store_const", const="mode",
@@ -132,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from data_pipelines.shard_writer import (
-        ShardWriter, read_manifest, remove_stale_shards, sha256_file, write_manifest,
+        ShardWriter, read_manifest, remove_stale_shards, write_manifest,
     )
     from data_pipelines.urls import resolve_shards
-    from lightning_diffusion.autoencoder import VAEGAN
+    from lightning_diffusion.autoencoder.frozen_autoencoder import autoencoder_sha256, load_frozen_autoencoder
 
     urls = resolve_shards(args.urls, "--in")
     out = check_output_dir(args.out, "--out")
@@ -144,21 +155,21 @@ def run(args: argparse.Namespace) -> int:
     if any(Path(url).resolve().parent == out.resolve() for url in urls):
         raise UserError(f"--out {out} is the folder of the input shards: write the latents to a folder of their own")
     device = _device(args.device)
-    vae = VAEGAN.load_frozen(args.vae).to(device)
-    image_size = args.image_size or int(vae.hparams.image_size)
-    factor = 2 ** (len(vae.hparams.channel_mults) - 1)
+    vae = load_frozen_autoencoder(args.vae, "--vae").to(device)
+    image_size = args.image_size or vae.default_image_size
+    factor = vae.downsampling_factor
     if image_size < 1 or image_size % factor:
-        raise UserError(f"--image-size {image_size} must be a positive multiple of the VAE-GAN's downsampling "
+        raise UserError(f"--image-size {image_size} must be a positive multiple of the VAE's downsampling "
                         f"factor {factor}")
-    text_encoder = None
-    if args.text_encoder:
-        from lightning_diffusion.clip import CLIPTextEncoder
-
-        text_encoder = CLIPTextEncoder.from_checkpoint(args.text_encoder).to(device)
-    vae_sha = sha256_file(Path(args.vae))
+    text_spec = text_encoder = None
+    if args.text_encoder or args.text_encoder_kind:
+        text_spec = TextEncoderSpec(args.text_encoder_kind or "clip", args.text_encoder, args.text_encoder_arch,
+                                    args.text_layer, key="--text-encoder")
+        text_encoder = text_spec.load().to(device)
+    vae_sha = autoencoder_sha256(args.vae)
     latent_scale = float(vae.latent_scale)
-    meta_common = {"vae_sha256": vae_sha, "latent_scale": latent_scale, "posterior": args.posterior,
-                   "image_size": image_size}
+    meta_common = {"vae_sha256": vae_sha, "latent_scale": latent_scale, "latent_shift": float(vae.latent_shift),
+                   "posterior": args.posterior, "image_size": image_size}
 
     previous = read_manifest(out) if out.exists() else None
     samples, data = _single_samples(urls, image_size, args.num_workers)
@@ -201,8 +212,10 @@ def run(args: argparse.Namespace) -> int:
     options[args.prefix] = {
         "inputs": urls, "vae_checkpoint": str(args.vae), **meta_common, "latent_shape": latent_shape,
         "seed": args.seed if args.posterior == "sample" else None,
-        "text_encoder_checkpoint": args.text_encoder,
-        "text_encoder_sha256": sha256_file(Path(args.text_encoder)) if args.text_encoder else None,
+        "text_encoder_checkpoint": args.text_encoder, "text_encoder_kind": text_spec.kind if text_spec else None,
+        "text_encoder_sha256": text_spec.fingerprint() if text_spec else None,
+        "text_encoder_arch": text_spec.arch if text_spec else None,
+        "text_layer": text_spec.layer if text_spec else None,
         "skipped_samples": int(sum(data.skipped_samples.values())),
     }
     write_manifest(out, {"dataset": out.name, "created_by": CREATED_BY, "image_size": image_size,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_diffusion.training.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
 from lightning_diffusion.diffusion.arguments import check_sampling
@@ -24,11 +24,12 @@ from lightning_diffusion.diffusion.module import Denoiser
 from lightning_diffusion.arguments import (
     atomic_output, check_output_file, device_name, finite_float, nonnegative_int, positive_int,
 )
+from lightning_diffusion.diffusion.sampling import add_sampling_arguments, check_overrides, sampling_overrides
 from lightning_diffusion.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="denoiser checkpoint (Lightning .ckpt)")
+    parser.add_argument("--ckpt", required=True, help="denoiser checkpoint (Lightning .ckpt) or export folder")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text prompt; repeat for several rows (text-conditioned models)")
     parser.add_argument("--label", type=nonnegative_int, action="append", default=None,
@@ -37,32 +38,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=finite_float, nargs="+", default=None,
                         help="classifier-free guidance weight(s) w: uncond + w (cond - uncond); 1 = no guidance "
                              "(default: the model's validation guidance)")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None,
-                        help="default: the model's validation sampler")
-    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--n", type=positive_int, default=16, help="samples per row")
     parser.add_argument("--out", default="samples/grid.png", help="grid PNG; single images go to a folder beside it")
     parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--vae-checkpoint", default=None, help="override the VAE-GAN path stored in the checkpoint")
+    parser.add_argument("--vae-checkpoint", default=None,
+                        help="override the VAE path stored in the checkpoint (VAE-GAN .ckpt or AutoencoderKL folder)")
     parser.add_argument("--clip-checkpoint", default=None, help="override the CLIP path stored in the checkpoint")
+    parser.add_argument("--text-encoder-path", default=None,
+                        help="override the pretrained text encoder's file/folder stored in the checkpoint")
 
 
 def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
-    """A Denoiser from a Lightning checkpoint (weights_only), in eval mode on the CPU."""
-    checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
-    hparams = checkpoint.get("hyper_parameters") or {}
+    """A Denoiser from a Lightning checkpoint (weights_only) or an `export --format folder` folder, in eval mode
+    on the CPU."""
+    if Path(path).is_dir():
+        from lightning_diffusion.diffusion.export import read_export
+
+        hparams, state_dict = read_export(path)
+        checkpoint = {"state_dict": state_dict}
+    else:
+        checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
+        check_checkpoint_class(checkpoint, "denoiser", path=path, key="--ckpt")
+        hparams = checkpoint.get("hyper_parameters") or {}
     if "objective" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' (--ckpt) is not a denoiser checkpoint: pass one written by "
                         f"`python -m lightning_diffusion fit --config configs/denoiser/...`")
-    kwargs = {key: value for key, value in hparams.items() if not key.startswith("_")}
+    kwargs = {key: value for key, value in hparams.items() if not key.startswith("_")} | {"compile": False}
     kwargs.update({key: value for key, value in overrides.items() if value is not None})
     model = Denoiser(**kwargs)
     trained = checkpoint["state_dict"].get("unet.out.2.weight")  # [sample channels, C, 3, 3]
     if trained is not None and trained.shape[0] != model.sample_shape[0]:
-        raise UserError(f"the VAE-GAN '{kwargs.get('vae_checkpoint')}' gives {model.sample_shape[0]} latent channels "
-                        f"but the denoiser '{path}' was trained on {trained.shape[0]}: pass the VAE-GAN checkpoint it "
-                        "was trained with (--vae-checkpoint)")
+        raise UserError(f"the VAE '{kwargs.get('vae_checkpoint')}' gives {model.sample_shape[0]} latent channels "
+                        f"but the denoiser '{path}' was trained on {trained.shape[0]}: pass the VAE it was trained "
+                        "with (--vae-checkpoint)")
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
@@ -114,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
                         "choose another --out")
     if args.lowres is not None and not Path(args.lowres).is_file():
         raise UserError(f"--lowres image '{args.lowres}' does not exist")
-    model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint)
+    model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint,
+                          text_encoder_path=args.text_encoder_path)
     for guidance in args.guidance or [None]:
         check_sampling(model.hparams, sampler=args.sampler, guidance=guidance, prefix="--")
+    options = sampling_overrides(args)
+    check_overrides(model.hparams, options)
     rows = _rows(args, model)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -130,15 +143,15 @@ def run(args: argparse.Namespace) -> int:
             [row["prompt"]] * args.n if "prompt" in row else None,
             [row["label"]] * args.n if "label" in row else None,
             lowres.expand(args.n, -1, -1, -1) if lowres is not None else None,
-            num_samples=args.n, guidance=row["guidance"], sampler=args.sampler, steps=args.steps, seed=args.seed,
-            progress=True,
+            num_samples=args.n, guidance=row["guidance"], seed=args.seed, progress=True, **options,
         ))
         condition = f"prompt={row['prompt']!r}" if "prompt" in row else f"label={row['label']}" if "label" in row else ""
         captions.append(f"row {len(captions)}: {condition} guidance={row['guidance']:g}".replace(":  ", ": "))
     columns = math.ceil(math.sqrt(args.n)) if len(rows) == 1 else args.n
     sampler = args.sampler or model.hparams.val_sampler
     steps = args.steps or model.hparams.val_steps
-    header = f"{args.ckpt} sampler={sampler} steps={steps} seed={args.seed} n={args.n}"
+    extra = "".join(f" {key}={value}" for key, value in options.items() if key not in ("sampler", "steps"))
+    header = f"{args.ckpt} sampler={sampler} steps={steps}{extra} seed={args.seed} n={args.n}"
     # everything goes to temporary names first: a full disk or an interrupt leaves the previous outputs intact
     with atomic_output(singles) as folder, atomic_output(out) as grid, atomic_output(out.with_suffix(".txt")) as text:
         folder.mkdir()

@@ -1,4 +1,4 @@
-"""Frozen sub-models of the denoiser (the VAE-GAN, the text encoder), loaded from their own checkpoints.
+"""Frozen sub-models of the denoiser (the autoencoder, the text encoder), loaded from their own checkpoints.
 
 They are held outside the module tree on purpose: not in ``parameters()`` (so never in the optimiser or DDP's
 gradient buckets), not in the denoiser's ``state_dict`` (their weights already live in their own checkpoints,
@@ -7,14 +7,18 @@ which the denoiser's hyper-parameters name), and shared, not copied, by the EMA 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.text_encoders.spec import TextEncoderSpec
 
-VAE_FIX = "train the VAE-GAN first: python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml"
+VAE_FIX = ("train the VAE-GAN first (python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml) or "
+           "point it at a diffusers AutoencoderKL folder")
 CLIP_FIX = "train CLIP first: python -m lightning_diffusion fit --config configs/clip/tiny.yaml"
 
 
@@ -37,31 +41,24 @@ class Frozen:
         return self
 
 
-def _require_file(path: str | None, key: str, what: str, fix: str) -> str:
+def _require_file(path: str | None, key: str, what: str, fix: str, folder_ok: bool = False) -> str:
     if not path:
         raise UserError(f"{key} is not set: this denoiser needs the frozen {what}; {fix}")
-    if not Path(path).is_file():
+    if not (Path(path).is_file() or folder_ok and Path(path).is_dir()):
         raise UserError(f"{key} '{path}' does not exist: {fix}")
     return path
 
 
 def load_vae(path: str | None) -> nn.Module:
-    """The frozen VAE-GAN of a latent-space denoiser (``model.vae_checkpoint``)."""
-    path = _require_file(path, "model.vae_checkpoint", "VAE-GAN", VAE_FIX)
-    from lightning_diffusion.autoencoder import VAEGAN
+    """The frozen autoencoder of a latent-space denoiser (``model.vae_checkpoint``): a VAE-GAN checkpoint or a
+    diffusers ``AutoencoderKL`` folder (see ``lightning_diffusion.autoencoder.frozen_autoencoder``)."""
+    path = _require_file(path, "model.vae_checkpoint", "autoencoder", VAE_FIX, folder_ok=True)
+    from lightning_diffusion.autoencoder.frozen_autoencoder import load_frozen_autoencoder
 
-    return VAEGAN.load_frozen(path)
+    return load_frozen_autoencoder(path, "model.vae_checkpoint")
 
 
-def load_text_encoder(name: str, clip_checkpoint: str | None) -> nn.Module:
-    """The frozen text encoder: the project's CLIP text tower (``model.clip_checkpoint``) or offline MiniLM."""
-    if name == "clip":
-        from lightning_diffusion.clip import CLIPTextEncoder
-
-        path = _require_file(clip_checkpoint, "model.clip_checkpoint", "CLIP text tower", CLIP_FIX)
-        return CLIPTextEncoder.from_checkpoint(path)
-    if name == "minilm":
-        from lightning_diffusion.clip import MiniLMTextEncoder
-
-        return MiniLMTextEncoder()
-    raise UserError(f"unknown model.text_encoder {name!r}: use 'clip' or 'minilm'")
+def load_text_encoder(hparams: Mapping[str, Any]) -> nn.Module:
+    """The frozen text encoder a denoiser's hyper-parameters name (``model.text_encoder`` and its paths; see
+    ``lightning_diffusion.text_encoders``)."""
+    return TextEncoderSpec.from_hparams(hparams).load()
