@@ -264,7 +264,7 @@ def results(files: Files, tmp_path_factory: pytest.TempPathFactory,
             request: pytest.FixtureRequest) -> dict[str, tuple[int, str, set[Path]] | BaseException]:
     """The (exit code, stderr, new files) of every selected case: two driver subprocesses, half the cases each."""
     selected = {item.callspec.params["case"].name for item in request.session.items
-                if getattr(item, "callspec", None) is not None and "case" in item.callspec.params}
+                if isinstance(getattr(item, "callspec", None) and item.callspec.params.get("case"), Case)}
     runnable = [case for case in CASES if case.skip is None and case.name in selected]
     pairs = [(case, tmp_path_factory.mktemp(re.sub(r"\W+", "_", case.name))) for case in runnable]
     home = tmp_path_factory.mktemp("home")  # caches (matplotlib's font list) shared by the cases, outside their folders
