@@ -193,7 +193,7 @@ CASES = [
     # ---- sample
     Case("sample missing checkpoint", lambda e: e.sample(e.tmp / "gone.ckpt"), "gone.ckpt", "train that stage",
          subprocess=True),
-    Case("sample zero n", lambda e: e.sample(e.files.flow_denoiser, "--n", "0"), "--n", ">= 1"),
+    Case("sample zero n", lambda e: e.sample(e.files.flow_denoiser, "--n", "0"), "--n", "at least 1"),
     Case("sample guidance on unconditional", lambda e: e.sample(e.files.flow_denoiser, "--guidance", "3"),
          "--guidance", "use --guidance 1"),
     Case("sample ddim with flow", lambda e: e.sample(e.files.flow_denoiser, "--sampler", "ddim"), "--sampler",
