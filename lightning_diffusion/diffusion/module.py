@@ -3,7 +3,8 @@
 One training step: data ``x0`` (pixels, or ``latent_scale``-scaled latents of the frozen VAE-GAN), a condition
 (frozen text-encoder states, a class label, a low-res copy of the image), classifier-free dropping of the
 condition to the null condition with probability ``p_uncond``, then the objective's regression loss
-(``eps``/``v``/``x0`` under a VP schedule, or rectified-flow velocity). Sampling lives in :meth:`generate`, which
+(``eps``/``v``/``x0`` under a VP schedule, rectified-flow velocity, or EDM's preconditioned x0 with its noise
+levels and weighting; ``training_objective.py``). Sampling lives in :meth:`generate`, which
 validation grids, the ``sample`` command and the metrics share. EMA of the weights is Lightning's
 ``EMAWeightAveraging`` callback (added by :meth:`configure_callbacks`): validation and checkpoints' ``state_dict``
 use the averaged weights; the raw ones are kept under ``current_model_state``.
@@ -11,6 +12,7 @@ use the averaged weights; the raw ones are kept under ``current_model_state``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,16 +26,15 @@ from lightning_diffusion.diffusion.arguments import check_arguments, check_sampl
 from lightning_diffusion.diffusion.conditioning import (
     Condition, Conditioning, NullCondition, condition_kinds, downsample_for_lowres, is_guidable, uncond_drop_mask,
 )
+from lightning_diffusion.diffusion.edm import edm_sample, edm_sigmas
 from lightning_diffusion.diffusion.frozen import Frozen, load_text_encoder, load_vae
 from lightning_diffusion.diffusion.grids import image_grid, log_grid, save_png
 from lightning_diffusion.diffusion.guidance import classifier_free_guidance
-from lightning_diffusion.diffusion.objectives import (
-    diffusion_loss, flow_interpolate, flow_velocity_target, min_snr_weight, sample_flow_time, training_target,
-)
 from lightning_diffusion.diffusion.samplers import (
-    ddim_sample, ddpm_sample, flow_euler_sample, flow_heun_sample, probability_flow_sample,
+    ModelFn, ddim_sample, ddpm_sample, flow_euler_sample, flow_heun_sample, probability_flow_sample,
 )
 from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, stored_text_states
+from lightning_diffusion.diffusion.training_objective import LossWeighting, NoiseSampling, Objective, TrainingObjective
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
 from lightning_diffusion.errors import UserError
@@ -41,14 +42,13 @@ from lightning_diffusion.training.nonfinite import (
     NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
 )
 
-Objective = Literal["eps", "v", "x0", "flow"]
 SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
 DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of fox", "a flat vector emoji of fox")  # val-split concepts
 DEFAULT_TRAIN_PROMPTS = ("a 3D rendered emoji of red apple", "a flat vector emoji of red apple")
 
 
 class Denoiser(LightningModule):
-    """A U-Net denoiser trained with one of four objectives; see the module docstring."""
+    """A U-Net denoiser trained with one of five objectives; see the module docstring."""
 
     def __init__(
         self,
@@ -58,6 +58,11 @@ class Denoiser(LightningModule):
         schedule: ScheduleName = "cosine",
         num_timesteps: int = 1000,
         min_snr_gamma: float | None = None,
+        noise_sampling: NoiseSampling | None = None,
+        loss_weighting: LossWeighting | None = None,
+        noise_mean: float | None = None,
+        noise_std: float | None = None,
+        sigma_data: float = 0.5,
         space: Literal["pixel", "latent"] = "pixel",
         vae_checkpoint: str | None = None,
         conditioning: Conditioning = "text",
@@ -101,6 +106,8 @@ class Denoiser(LightningModule):
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "denoiser",
                                         "lower model.lr, or use trainer.precision 32-true / bf16-mixed, not 16-mixed")
         self.schedule = make_schedule(schedule, num_timesteps)
+        self.objective = TrainingObjective(objective, self.schedule, noise_sampling, loss_weighting, min_snr_gamma,
+                                           noise_mean, noise_std, sigma_data)
 
         self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
         self._text_encoder = Frozen(load_text_encoder(text_encoder, clip_checkpoint)) if "text" in self.kinds else None
@@ -137,9 +144,8 @@ class Denoiser(LightningModule):
 
     # ---------------------------------------------------------------- network, data and conditions
     def forward(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
-        """The U-Net's prediction; flow time in [0, 1] is scaled to [0, 1000] like the VP timesteps."""
-        t = t.float() * 1000 if self.hparams.objective == "flow" else t.float()
-        return self.unet(x_t, t, **condition)
+        """The prediction at time ``t`` (VP step, flow time, or EDM sigma), see ``training_objective.py``."""
+        return self.objective.predict(self.unet, x_t, t, condition)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, sample: bool = True) -> Tensor:
@@ -236,17 +242,8 @@ class Denoiser(LightningModule):
         return mask.to(self.device)
 
     def loss_at(self, x0: Tensor, noise: Tensor, t: Tensor, condition: Condition, weighted: bool = True) -> Tensor:
-        """The objective's loss for data ``x0``, noise and times ``t`` (integer steps, or flow time in [0, 1])."""
-        hp = self.hparams
-        if hp.objective == "flow":
-            x_t, target, weight = flow_interpolate(noise, x0, t), flow_velocity_target(noise, x0), None
-        else:
-            x_t = self.schedule.add_noise(x0, noise, t)
-            target = training_target(hp.objective, x0, noise, self.schedule, t)
-            weight = None
-            if weighted and hp.min_snr_gamma:
-                weight = min_snr_weight(self.schedule, t, hp.min_snr_gamma, hp.objective)
-        return diffusion_loss(self(x_t, t, condition), target, weight)
+        """The objective's loss for data ``x0``, noise and times ``t`` (VP steps, flow times or EDM sigmas)."""
+        return self.objective.loss(lambda x_t, t_: self(x_t, t_, condition), x0, noise, t, weighted)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.nonfinite.remember_norm_stats(self)
@@ -254,10 +251,7 @@ class Denoiser(LightningModule):
         condition = self.batch_condition(batch)
         if self.guidable:  # also at p_uncond 0: the null parameters stay in the graph, as plain DDP requires
             condition = self.null.drop(condition, self.drop_mask(x0.shape[0], batch_idx))
-        if self.hparams.objective == "flow":
-            t = sample_flow_time(x0.shape[0], None, self.device)
-        else:
-            t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=self.device)
+        t = self.objective.sample_times(x0.shape[0], self.device)
         loss = self.loss_at(x0, torch.randn_like(x0), t, condition)
         skip = self.nonfinite.skip_step(any_rank_nonfinite(self, [loss]), self.global_step, f"loss={loss.item():.4g}")
         self.nonfinite.log_count(self, x0.shape[0])
@@ -290,24 +284,16 @@ class Denoiser(LightningModule):
         return [EMAWeightAveraging(decay=self.hparams.ema_decay, device=device)]
 
     # ---------------------------------------------------------------- validation
-    def fixed_times(self) -> Tensor:
-        """``val_timesteps`` evenly spread times (bin centres), the same in every run."""
-        centres = (torch.arange(self.hparams.val_timesteps, dtype=torch.float64) + 0.5) / self.hparams.val_timesteps
-        if self.hparams.objective == "flow":
-            return centres.float()
-        return (centres * self.schedule.num_timesteps).long()
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x0 = self.batch_x0(batch, sample=False)
         condition = self.batch_condition(batch)
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
         losses = []
-        for time in self.fixed_times().tolist():
+        for time in self.objective.fixed_times(self.hparams.val_timesteps).tolist():
             noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
             t = torch.full((x0.shape[0],), time, device=self.device)
             losses.append(self.loss_at(x0, noise, t, condition, weighted=False))
-            label = f"{time:.3f}" if self.hparams.objective == "flow" else str(time)
-            self.log(f"val/loss_t{label}", losses[-1], batch_size=x0.shape[0], sync_dist=True)
+            self.log(f"val/loss_t{self.objective.time_label(time)}", losses[-1], batch_size=x0.shape[0], sync_dist=True)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         if batch_idx == 0 and self._reference is None:
             n = self.hparams.samples_per_prompt * 2
@@ -361,9 +347,11 @@ class Denoiser(LightningModule):
         steps: int | None = None,
         seed: int = 0,
         progress: bool = False,
+        model_wrapper: Callable[[ModelFn], ModelFn] | None = None,
     ) -> Tensor:
         """Images in [-1, 1], one per caption / label / low-res image (``num_samples`` for an unconditional
-        model), with the validation defaults unless overridden. The same seed gives the same images."""
+        model), with the validation defaults unless overridden. The same seed gives the same images.
+        ``model_wrapper`` wraps the (guided) model callable, e.g. classifier guidance (``classifier/guidance.py``)."""
         hp = self.hparams
         guidance = self.val_guidance if guidance is None else guidance
         sampler, steps = sampler or hp.val_sampler, hp.val_steps if steps is None else steps
@@ -378,11 +366,15 @@ class Denoiser(LightningModule):
         else:
             def model_fn(x: Tensor, t: Tensor) -> Tensor:
                 return self(x, t, condition)
+        if model_wrapper is not None:
+            model_fn = model_wrapper(model_fn)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         common = {"generator": generator, "progress": progress, "device": self.device}
         shape = (n, *self.sample_shape)
         clip = 1.0 if self._vae is None else None
-        if hp.objective == "flow":
+        if hp.objective == "edm":
+            x = edm_sample(model_fn, shape, edm_sigmas(steps), method=sampler, **common)
+        elif hp.objective == "flow":
             flow = flow_euler_sample if sampler == "euler" else flow_heun_sample
             x = flow(model_fn, shape, steps, **common)
         elif sampler == "ddim":
