@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lightning_diffusion.classifier.guidance import check_pair, guidance_wrapper
+from lightning_diffusion.classifier.module import NoisyClassifier
 from lightning_diffusion.training.checkpoints import load_checkpoint
 from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
@@ -29,11 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=None,
                         help="text prompt; repeat for several rows (text-conditioned models)")
     parser.add_argument("--label", type=int, action="append", default=None,
-                        help="class label; repeat for several rows (class-conditioned models)")
+                        help="class label; repeat for several rows (class-conditioned models, or --classifier)")
     parser.add_argument("--lowres", default=None, help="low-resolution image to upscale (super-resolution models)")
     parser.add_argument("--guidance", type=float, nargs="+", default=None,
                         help="classifier-free guidance weight(s) w: uncond + w (cond - uncond); 1 = no guidance "
                              "(default: the model's validation guidance)")
+    parser.add_argument("--classifier", default=None,
+                        help="noisy-image classifier checkpoint (configs/classifier/) steering samples to --label")
+    parser.add_argument("--classifier-scale", type=float, default=1.0,
+                        help="classifier guidance scale s: eps - s sqrt(1 - abar_t) grad log p(label | x_t) (default 1)")
     parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None,
                         help="default: the model's validation sampler")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
@@ -85,7 +91,9 @@ def _rows(args: argparse.Namespace, model: Denoiser) -> list[dict]:
     if args.prompt is not None and "text" not in kinds:
         raise UserError(f"--prompt given, but this model's conditioning is {model.hparams.conditioning!r}: "
                         "leave out --prompt")
-    if args.label is not None and "class" not in kinds:
+    if args.classifier is not None and not args.label:
+        raise UserError("--classifier steers samples towards a class: give at least one --label")
+    if args.label is not None and "class" not in kinds and args.classifier is None:
         raise UserError(f"--label given, but this model's conditioning is {model.hparams.conditioning!r}: "
                         "leave out --label")
     if "text" in kinds and not args.prompt:
@@ -114,18 +122,22 @@ def run(args: argparse.Namespace) -> int:
                           "cpu" if args.device == "auto" else args.device)
     model.to(device)
     lowres = _load_lowres(args.lowres, model.hparams.lowres_size) if "lowres" in model.kinds else None
+    classifier = NoisyClassifier.load_frozen(args.classifier) if args.classifier else None
+    if classifier is not None:
+        check_pair(model, classifier)
 
     out = Path(args.out)
     singles = out.with_suffix("")
     singles.mkdir(parents=True, exist_ok=True)
     images, captions = [], []
     for index, row in enumerate(rows):
+        guide = guidance_wrapper(model, classifier, [row["label"]] * args.n, args.classifier_scale) if classifier else None
         samples = model.generate(
             [row["prompt"]] * args.n if "prompt" in row else None,
-            [row["label"]] * args.n if "label" in row else None,
+            [row["label"]] * args.n if "label" in row and "class" in model.kinds else None,
             lowres.expand(args.n, -1, -1, -1) if lowres is not None else None,
             num_samples=args.n, guidance=row["guidance"], sampler=args.sampler, steps=args.steps, seed=args.seed,
-            progress=True,
+            progress=True, model_wrapper=guide,
         )
         for k, image in enumerate(to_uint8(samples)):
             save_png(image, singles / f"row{index:02d}_{k:03d}.png")
@@ -137,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     sampler = args.sampler or model.hparams.val_sampler
     steps = args.steps or model.hparams.val_steps
     header = f"{args.ckpt} sampler={sampler} steps={steps} seed={args.seed} n={args.n}"
+    if classifier is not None:
+        header += f" classifier={args.classifier} classifier_scale={args.classifier_scale:g}"
     out.with_suffix(".txt").write_text("\n".join([header, *captions]) + "\n")
     print(f"wrote {out} ({len(rows)} row(s) x {args.n}), captions {out.with_suffix('.txt')}, single images in {singles}/")
     return 0
