@@ -205,3 +205,14 @@ def test_classifier_needs_labels_in_range() -> None:
         model.batch_labels({"label": torch.tensor([0, -1])})
     with pytest.raises(UserError, match="model.num_classes must be at least 2"):
         NoisyClassifier(**{**TINY_CLASSIFIER, "num_classes": 1})
+
+
+def test_a_grid_without_captions_logs_to_wandb(tmp_path: Path) -> None:
+    """The unconditional denoiser's validation grid has no caption; WandbLogger refused `caption=None`."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_diffusion.diffusion.grids import log_grid
+
+    logger = WandbLogger(save_dir=str(tmp_path), mode="disabled")
+    log_grid(logger, "samples/unconditional", torch.zeros(3, 8, 8, dtype=torch.uint8), 1, None)
+    log_grid(logger, "samples/labels", torch.zeros(3, 8, 8, dtype=torch.uint8), 2, "label 0")
