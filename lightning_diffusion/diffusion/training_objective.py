@@ -9,6 +9,8 @@ weighs them. The denoiser hands over a batch; this module noises it, asks the ne
 
 ``noise_mean``/``noise_std`` are the location and scale of the log-normal sigma (EDM's P_mean -1.2, P_std 1.2) or
 of the logit-normal time (SD3's m = 0, s = 1; here ``t = 1`` is data, so SD3's ``m`` is ``-noise_mean``).
+``sigma_data`` is the data's standard deviation for EDM: 0.5 for pixels in [-1, 1], 1 for ``latent_scale``-scaled
+latents. Sampling an EDM model: Euler or Heun on the Karras grid from sigma 80 down to 0.002 (``edm.py``).
 """
 
 from __future__ import annotations
