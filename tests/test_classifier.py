@@ -216,3 +216,24 @@ def test_a_grid_without_captions_logs_to_wandb(tmp_path: Path) -> None:
     logger = WandbLogger(save_dir=str(tmp_path), mode="disabled")
     log_grid(logger, "samples/unconditional", torch.zeros(3, 8, 8, dtype=torch.uint8), 1, None)
     log_grid(logger, "samples/labels", torch.zeros(3, 8, 8, dtype=torch.uint8), 2, "label 0")
+
+
+def test_latent_classifier_guides_a_latent_denoiser(tmp_path: Path, trained: dict[str, Path]) -> None:
+    from test_denoiser import tiny_vae_checkpoint
+
+    torch.manual_seed(0)
+    vae_path = str(tiny_vae_checkpoint(tmp_path / "vae.ckpt", scale=0.7))
+    classifier = NoisyClassifier(**{**TINY_CLASSIFIER, "attention_resolutions": (4,)}, space="latent",
+                                 vae_checkpoint=vae_path)
+    assert classifier.input_shape == (4, 8, 8)
+    batch = bright_dark_batch(4)
+    latent = torch.randn(4, 4, 8, 8)
+    torch.testing.assert_close(classifier.batch_x0({**batch, "latent": latent}), latent * 0.7)
+    assert all(key.startswith("network.") for key in classifier.state_dict())  # the VAE is not saved again
+    trainer(tmp_path, max_steps=2).fit(classifier, loader(batch, 2))
+    denoiser = Denoiser(**{**TINY_UNET, "attention_resolutions": (4,)}, num_timesteps=100, conditioning="none",
+                        space="latent", vae_checkpoint=vae_path).eval()
+    images = denoiser.generate(num_samples=2, steps=2, model_wrapper=guidance_wrapper(denoiser, classifier, [0, 1], 3.0))
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    with pytest.raises(UserError, match="--classifier reads pixel inputs"):
+        guidance_wrapper(denoiser, NoisyClassifier.load_frozen(trained["classifier"]), [0], 1.0)

@@ -1,8 +1,8 @@
 """Classifier guidance for a trained denoiser: the model-callable wrapper that ``Denoiser.generate`` applies.
 
 ``eps~ = eps_hat - s sqrt(1 - abar_t) grad_x log p(y | x_t)`` (``diffusion.guidance.classifier_guidance``) needs the
-classifier to read ``x_t`` at step ``t`` as the denoiser does: the same VP schedule, the same input shape, and a
-VP objective (eps, v or x0) whose sampler passes timesteps. Checked here, before any sampling.
+classifier to read ``x_t`` at step ``t`` as the denoiser does: the same VP schedule, the same space (pixels, or the
+same VAE-GAN's latents) and shape, and a VP objective (eps, v or x0). Checked here, before any sampling.
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ def check_pair(denoiser: Denoiser, classifier: NoisyClassifier) -> None:
         raise UserError(f"--classifier was trained on the {ch.schedule} schedule with {ch.num_timesteps} steps, the "
                         f"denoiser on {dh.schedule} with {dh.num_timesteps}: train the classifier with the denoiser's "
                         "model.schedule and model.num_timesteps")
-    shape = (3, ch.image_size, ch.image_size)
-    if tuple(denoiser.sample_shape) != shape:
-        raise UserError(f"--classifier reads {shape} inputs but the denoiser samples {tuple(denoiser.sample_shape)}: "
-                        "train the classifier at the denoiser's model.image_size (pixel space)")
+    if (dh.space, dh.vae_checkpoint if dh.space == "latent" else None) != (ch.space, ch.vae_checkpoint):
+        raise UserError(f"--classifier reads {ch.space} inputs (vae {ch.vae_checkpoint}), the denoiser samples "
+                        f"{dh.space} ones (vae {dh.vae_checkpoint}): train the classifier with the denoiser's "
+                        "model.space and model.vae_checkpoint")
+    if tuple(denoiser.sample_shape) != tuple(classifier.input_shape):
+        raise UserError(f"--classifier reads {tuple(classifier.input_shape)} inputs but the denoiser samples "
+                        f"{tuple(denoiser.sample_shape)}: train the classifier at the denoiser's model.image_size")
 
 
 def guidance_wrapper(denoiser: Denoiser, classifier: NoisyClassifier, labels: list[int] | torch.Tensor,

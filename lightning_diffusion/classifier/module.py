@@ -1,7 +1,8 @@
 """`NoisyClassifier`: predicts a sample's class label from its noised version ``x_t`` at a random step ``t``.
 
 Trained with cross-entropy on ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, ``t`` uniform over the VP
-schedule's steps, so ``grad_x log p(y | x_t)`` can steer a denoiser of the same schedule at every step (classifier
+schedule's steps, ``x_0`` pixels or (``space: latent``) the frozen VAE-GAN's ``latent_scale``-scaled latents, as the
+latent denoiser sees them, so ``grad_x log p(y | x_t)`` can steer a denoiser of the same schedule at every step (classifier
 guidance, Dhariwal & Nichol 2021; ``classifier/guidance.py``). Labels are the batches' ``label`` (integer json
 ``label``, a ``cls`` entry, or ``data.label_field``). Validation: accuracy and loss per bucket of ``t``
 (``val/acc_t0-200``, ...) with fixed draws, the same in every run, and their means ``val/acc``, ``val/loss``.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from lightning_diffusion.classifier.network import EncoderClassifier
+from lightning_diffusion.diffusion.frozen import Frozen, load_vae
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.errors import UserError, check_positive
 from lightning_diffusion.training.nonfinite import (
@@ -34,6 +36,8 @@ class NoisyClassifier(LightningModule):
         *,
         num_classes: int = 2,
         image_size: int = 32,
+        space: Literal["pixel", "latent"] = "pixel",
+        vae_checkpoint: str | None = None,
         schedule: ScheduleName = "cosine",
         num_timesteps: int = 1000,
         base_channels: int = 32,
@@ -59,18 +63,39 @@ class NoisyClassifier(LightningModule):
         check_positive("model.lr", lr, 1e-3, integer=False)
         if num_classes < 2:
             raise UserError(f"model.num_classes must be at least 2 (one label is nothing to guide); got {num_classes}")
-        if image_size % 2 ** (len(channel_mult) - 1):
-            raise UserError(f"model.image_size {image_size} is not divisible by 2^{len(channel_mult) - 1} (one halving "
-                            f"per extra entry of model.channel_mult): change one of them")
+        self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
+        self.input_shape = self._input_shape()
+        if self.input_shape[-1] % 2 ** (len(channel_mult) - 1):
+            raise UserError(f"the classifier's input is {self.input_shape[-1]} px, not divisible by 2^"
+                            f"{len(channel_mult) - 1} (one halving per extra entry of model.channel_mult): change "
+                            "model.image_size or model.channel_mult")
         self.schedule = make_schedule(schedule, num_timesteps)
         if not 1 <= val_buckets <= self.schedule.num_timesteps:
             raise UserError(f"model.val_buckets must be between 1 and model.num_timesteps; got {val_buckets}")
         self.network = EncoderClassifier(
-            num_classes=num_classes, image_size=image_size, base_channels=base_channels, channel_mult=channel_mult,
+            num_classes=num_classes, in_channels=self.input_shape[0], image_size=self.input_shape[-1], base_channels=base_channels, channel_mult=channel_mult,
             num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, num_heads=num_heads,
             dropout=dropout,
         )
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "classifier", "lower model.lr")
+
+    def _input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the classifier reads: the image, or the VAE latent of an image of ``image_size``."""
+        size = self.hparams.image_size
+        if self._vae is None:
+            return (3, size, size)
+        with torch.no_grad():
+            return tuple(self._vae.module.encode(torch.zeros(1, 3, size, size)).mode().shape[1:])
+
+    @torch.no_grad()
+    def batch_x0(self, batch: dict[str, Any]) -> Tensor:
+        """The clean input of a batch: images, or scaled latents (encoded here, or pre-encoded ``latent`` entries)."""
+        if self._vae is None:
+            return batch["image"]
+        vae = self._vae.on(self.device)
+        if "latent" in batch:
+            return batch["latent"] * vae.latent_scale
+        return vae.encode(batch["image"]).sample() * vae.latent_scale
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Class logits [B, num_classes] of noisy inputs at timesteps ``t`` (integer or float) [B]."""
@@ -103,7 +128,7 @@ class NoisyClassifier(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.nonfinite.remember_norm_stats(self)
-        x0, labels = batch["image"], self.batch_labels(batch)
+        x0, labels = self.batch_x0(batch), self.batch_labels(batch)
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=self.device)
         logits = self(self.noised(x0, t), t)
         loss = F.cross_entropy(logits.float(), labels)
@@ -121,7 +146,7 @@ class NoisyClassifier(LightningModule):
         return list(zip(edges[:-1], edges[1:]))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x0, labels = batch["image"], self.batch_labels(batch)
+        x0, labels = self.batch_x0(batch), self.batch_labels(batch)
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
         accuracies, losses = [], []
         for lo, hi in self.buckets():
