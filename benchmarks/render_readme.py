@@ -32,6 +32,7 @@ BENCHMARKS = [  # (file, what is compared)
                                   "166M-parameter `ldm_base` U-Net"),
     ("sampler_quality", "P5: best Fréchet distance with <= 25 network evaluations vs DDPM-1000"),
     ("cfg_batched", "P6: classifier-free guidance in one batched forward vs two forwards"),
+    ("compile", "`model.compile: true` (torch.compile of the U-Net, inductor) vs eager: training step (seconds/step)"),
 ]
 GRIDS = ("samples_heldout.png", "samples_train.png", "reconstructions.png")
 

@@ -47,6 +47,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         ("data_throughput", optional("--shards", emoji)),
         ("latents_vs_on_the_fly", optional("--shards", emoji) + optional("--vae", vae) + optional("--clip", clip)),
         ("cfg_batched", optional("--ckpt", denoiser)),
+        ("compile", []),
     ]
     planned = [(name, name, extra) for name, extra in runs]
     if not args.quick:  # P4 at the GPU presets' sizes (random-weight kl-f8 VAE-GAN, ViT-B-32 text, ldm_base U-Net)

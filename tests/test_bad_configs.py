@@ -179,6 +179,15 @@ CASES = [
     Case("trainer unknown precision", lambda e: e.fit("vae", "--trainer.precision", "17"), "precision", "--help"),
     Case("trainer zero num_nodes", lambda e: e.fit("vae", trainer={"num_nodes": 0}), "num_nodes", "--help"),
     Case("trainer unknown strategy", lambda e: e.fit("vae", trainer={"strategy": "dpp"}), "strategy='dpp'", "--help"),
+    Case("trainer zero accumulate_grad_batches", lambda e: e.fit("denoiser", trainer={"accumulate_grad_batches": 0}),
+         "trainer.accumulate_grad_batches", "e.g."),
+    Case("trainer accumulation on the manual VAE-GAN", lambda e: e.fit("vae", trainer={"accumulate_grad_batches": 2}),
+         "trainer.accumulate_grad_batches", "model.init_args.accumulate_grad_batches: 2"),
+    Case("vae zero accumulate_grad_batches", lambda e: e.fit("vae", model={"accumulate_grad_batches": 0}),
+         "model.accumulate_grad_batches", "e.g."),
+    Case("denoiser unknown compile_backend", lambda e: e.fit("denoiser", model={"compile": True,
+                                                                               "compile_backend": "fast"}),
+         "model.compile_backend", "inductor"),
     Case("config unknown section", lambda e: ["fit", "--config", str(e.write("typo.yaml", {"modle": {"lr": 1}}))],
          "modle", "--help"),
     # ---- sample
@@ -319,7 +328,7 @@ def test_the_base_configs_of_the_table_train(stage: str, files: Files, tmp_path:
     monkeypatch.chdir(tmp_path)
     with one_thread():
         assert main_entry(env.fit(stage, model=model)) == 0
-    assert (env.run / "version_0" / "checkpoints" / "epoch=0-step=1.ckpt").is_file()
+    assert (env.run / "checkpoints" / "epoch=0-step=1.ckpt").is_file()  # the run folder's checkpoints/
 
 
 def main_entry(argv: list[str]) -> int:

@@ -237,3 +237,19 @@ def test_latent_classifier_guides_a_latent_denoiser(tmp_path: Path, trained: dic
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     with pytest.raises(UserError, match="--classifier reads pixel inputs"):
         guidance_wrapper(denoiser, NoisyClassifier.load_frozen(trained["classifier"]), [0], 1.0)
+
+
+@pytest.mark.parametrize(("class_path", "message"), [
+    ("lightning_diffusion.diffusion.module.Denoiser", "holds a denoiser model .* not a classifier one"),
+    ("os.system", "refused without importing it"),
+])
+def test_classifier_loading_follows_the_class_path_rule(trained: dict[str, Path], tmp_path: Path, class_path: str,
+                                                        message: str) -> None:
+    checkpoint = torch.load(trained["classifier"], weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = class_path
+    torch.save(checkpoint, tmp_path / "named.ckpt")
+    with pytest.raises(UserError, match=message):
+        NoisyClassifier.load_frozen(tmp_path / "named.ckpt")
+    checkpoint["hyper_parameters"]["_class_path"] = "lightning_diffusion.classifier.module.NoisyClassifier"
+    torch.save(checkpoint, tmp_path / "own.ckpt")
+    assert isinstance(NoisyClassifier.load_frozen(tmp_path / "own.ckpt"), NoisyClassifier)

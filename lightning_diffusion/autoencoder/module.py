@@ -14,9 +14,19 @@ weight zero, so they are reduced (as zeros) but never stepped. The discriminator
 after each optimiser step, so the second step of a step where the scale changed sees gradients off by the factor
 2 (Adam barely notices); `bf16-mixed` has no scale and is the preset.
 
+Gradient accumulation (`accumulate_grad_batches: N`, the model's own: Lightning's applies to automatic optimisation
+only) scales each batch's loss by 1/N and steps both optimisers every N batches (and at an epoch's last batch), so
+`global_step`, `disc_start` and the latent-scale window count optimiser steps, as under Lightning's accumulation.
+Every term is a batch mean, so N batches of B give the gradients of one batch of N*B, except the adaptive weight
+`lambda`, computed from each batch's own gradients (as each DDP rank computes it from its local ones), and the
+discriminator's batch-norm statistics.
+
 `latent_scale` (a buffer, saved in checkpoints) is `1 / std` of the posterior samples over the last
 `latent_scale_batches` training batches of all ranks, updated every step: any checkpoint, the final one included,
 carries the scale of its own encoder. `measure_latent_scale(loader, n)` re-measures it on chosen data.
+
+`pretrained: folder` fine-tunes a diffusers `AutoencoderKL` (see `diffusers_vae`; the network arguments then do not
+apply); `train_encoder: false` trains the decoder only and keeps the folder's scaling_factor/shift_factor.
 """
 
 from __future__ import annotations
@@ -32,15 +42,18 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from lightning_diffusion.autoencoder.discriminator import PatchDiscriminator
+from lightning_diffusion.autoencoder.diffusers_vae import network_levels, pretrained_networks
 from lightning_diffusion.autoencoder.distributions import DiagonalGaussian
+from lightning_diffusion.autoencoder.frozen_autoencoder import LatentScaling
 from lightning_diffusion.autoencoder.latent_scale import latent_moments, scale_from_moments
 from lightning_diffusion.autoencoder.losses import (
     GANLoss, adaptive_weight, discriminator_loss, generator_loss, reconstruction_loss,
 )
-from lightning_diffusion.autoencoder.networks import Decoder, Encoder
+from lightning_diffusion.autoencoder.networks import Decoder, DownsamplePadding, Encoder
 from lightning_diffusion.autoencoder.perceptual import PerceptualName, check_perceptual, log_name, make_perceptual
 from lightning_diffusion.autoencoder.validation import ReconstructionMetrics
 from lightning_diffusion.errors import UserError, check_positive
+from lightning_diffusion.training.compile import maybe_compile
 from lightning_diffusion.training.nonfinite import NonFiniteLossError  # noqa: F401 - re-exported (raised by training_step)
 from lightning_diffusion.training.nonfinite import NonFiniteGuard, NonFiniteMode, check_finite_weights
 
@@ -49,7 +62,8 @@ def _check_sizes(args: dict[str, Any]) -> None:
     """Sizes, counts and learning rates must be positive: a zero or negative one fails deep inside torch."""
     for key, example in (("image_size", 32), ("in_channels", 3), ("channels", 64), ("num_blocks", 1),
                          ("latent_channels", 4), ("disc_layers", 3), ("disc_channels", 64),
-                         ("latent_scale_batches", 100), ("effnet_input_size", 224), ("frechet_input_size", 224)):
+                         ("latent_scale_batches", 100), ("effnet_input_size", 224), ("frechet_input_size", 224),
+                         ("accumulate_grad_batches", 2)):
         check_positive(f"model.{key}", args[key], example)
     for key, example in (("decoder_channels", 64), ("decoder_num_blocks", 1)):
         check_positive(f"model.{key}", args[key], example, optional=True)
@@ -74,7 +88,7 @@ def _own_hyperparameters() -> Iterator[None]:
         _given_hyperparameters.reset(token)
 
 
-class VAEGAN(LightningModule):
+class VAEGAN(LatentScaling, LightningModule):
     """Encoder -> diagonal Gaussian posterior -> decoder, trained with reconstruction, perceptual, KL and GAN losses."""
 
     def __init__(
@@ -89,6 +103,10 @@ class VAEGAN(LightningModule):
         decoder_num_blocks: int | None = None,
         mid_attention: bool = True,
         dropout: float = 0.0,
+        downsample_padding: DownsamplePadding = "symmetric",
+        pretrained: str | None = None,
+        pretrained_config: dict[str, Any] | None = None,
+        train_encoder: bool = True,
         reconstruction: Literal["l1", "l2"] = "l1",
         perceptual: PerceptualName = "effnet",
         perceptual_weight: float = 1.0,
@@ -112,28 +130,45 @@ class VAEGAN(LightningModule):
         num_logged_images: int = 8,
         nonfinite_loss: NonFiniteMode = "stop",
         max_nonfinite_skips: int = 10,
+        accumulate_grad_batches: int = 1,
+        compile: bool = False,  # noqa: A002 - the config key users expect
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         _check_sizes(locals())  # the arguments: self.hparams may be another model's (docs/gotchas.md)
         super().__init__()
         self.save_hyperparameters()
         check_perceptual(perceptual)
-        factor = 2 ** (len(channel_mults) - 1)
+        factor = 2 ** (network_levels(channel_mults, pretrained, pretrained_config) - 1)
         if image_size % factor:
             raise UserError(f"model.image_size {image_size} is not divisible by the downsampling factor {factor} of "
-                            f"model.channel_mults {list(channel_mults)}: use a multiple of {factor} (e.g. "
-                            f"{max(factor, image_size // factor * factor)}) or fewer model.channel_mults")
+                            f"the network (model.channel_mults or model.pretrained): use a multiple of {factor} (e.g. "
+                            f"{max(factor, image_size // factor * factor)})")
         if disc_loss == "hinge" and real_label != 1.0:
             raise UserError("model.real_label (one-sided label smoothing) needs model.disc_loss: non_saturating")
         self.automatic_optimization = False
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "VAE-GAN",
                                         "lower model.lr or set model.grad_clip, use bf16-mixed rather than 16-mixed")
-        self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention, dropout)
-        self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
-                               decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
+        if pretrained or pretrained_config:  # diffusers' AutoencoderKL network and weights (see the module doc)
+            self.encoder, self.decoder, self.hparams["pretrained_config"] = pretrained_networks(
+                pretrained, pretrained_config, in_channels)
+        else:
+            self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention,
+                                   dropout, downsample_padding)
+            self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
+                                   decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
         self.discriminator = PatchDiscriminator(in_channels, disc_channels, disc_layers)
+        maybe_compile(compile, [self.encoder, self.decoder, self.discriminator], compile_backend, compile_mode)
+        self._window_skipped = False  # a batch of the current accumulation window had a skipped (non-finite) loss
         self.register_buffer("latent_scale", torch.tensor(1.0))
         # per training step [sum z, sum z^2, count] over all ranks, a ring of the last `latent_scale_batches` steps
         self.register_buffer("latent_window", torch.zeros(latent_scale_batches, 3, dtype=torch.float64))
+        self.encoder.requires_grad_(train_encoder)
+        config = self.hparams.get("pretrained_config")
+        self.fixed_scale = bool(config) and not train_encoder  # the folder's latent space: keep its published scale
+        if self.fixed_scale:
+            self.latent_scale.fill_(float(config["scaling_factor"]))
+            self.latent_shift = float(config.get("shift_factor") or 0.0)
         self._perceptual: list[torch.nn.Module | None] = []  # a list keeps the frozen network off the module tree
         self._val_metrics: ReconstructionMetrics | None = None
         self._val_images: tuple[Tensor, Tensor] | None = None
@@ -158,23 +193,34 @@ class VAEGAN(LightningModule):
         return self.decode(self.encode(images).mode()).clamp(-1, 1)
 
     @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (network_levels(self.hparams.channel_mults, None, self.hparams.get("pretrained_config")) - 1)
+
+    @property
+    def default_image_size(self) -> int:
+        return int(self.hparams.image_size)
+
+    @property
     def latent_scale_measured(self) -> bool:
-        return bool(self.latent_window[:, 2].sum() > 0)
+        return self.fixed_scale or bool(self.latent_window[:, 2].sum() > 0)
 
     @classmethod
     def load_frozen(cls, path: str | Path) -> "VAEGAN":
         """The autoencoder of a checkpoint, in eval mode with gradients off (weights_only loading)."""
-        from lightning_diffusion.training.checkpoints import load_checkpoint
+        from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 
         checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key="model.vae_checkpoint")
+        check_checkpoint_class(checkpoint, "VAE-GAN", path=path, key="model.vae_checkpoint")
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        hparams["compile"] = False  # a training option: a frozen autoencoder runs eager
         try:
             with _own_hyperparameters():
                 model = cls(**hparams)
             model.load_state_dict(checkpoint["state_dict"], strict=True)
         except (TypeError, KeyError, RuntimeError) as err:
-            raise UserError(f"'{path}' is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): "
-                            "point model.vae_checkpoint at a checkpoint of the vae_gan stage") from err
+            raise UserError(f"'{path}' is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): point "
+                            "model.vae_checkpoint at a checkpoint of the vae_gan stage or an AutoencoderKL "
+                            "folder") from err
         if not model.latent_scale_measured:
             warnings.warn(f"VAE-GAN checkpoint '{path}' has no measured latent_scale (it was saved before any "
                           "training step); using 1.0. Call measure_latent_scale(loader, num_batches) to set it.",
@@ -225,6 +271,12 @@ class VAEGAN(LightningModule):
         return terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # The adaptive weight's autograd.grad keeps the graph for the backward: compiled (AOT) backwards must not
+        # donate (reuse) their saved buffers, which torch decides when it compiles a graph, here on the first step.
+        with torch._functorch.config.patch(donated_buffer=False):
+            self._training_step(batch, batch_idx)
+
+    def _training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.nonfinite.remember_norm_stats(self)
         opt_ae, opt_disc = self.optimizers()
         x = batch["image"]
@@ -248,21 +300,33 @@ class VAEGAN(LightningModule):
         else:  # zero-weighted: the discriminator's gradients exist (DDP reduces every parameter) but stay zero
             total = loss_ae + 0.0 * sum(p.sum() for p in self.discriminator.parameters())
         terms["loss"] = loss_ae
-        skip = self._check_finite_and_track_latents(terms, z)
+        accumulate = self.hparams.accumulate_grad_batches
+        skip = self._check_finite_and_track_latents(terms, z, first=batch_idx % accumulate == 0)
+        self.nonfinite.log_count(self, x.shape[0])
+        self._window_skipped |= skip
+        if not skip:
+            self.manual_backward(total / accumulate)
+            self._log_terms(terms, x.shape[0])
+        if (batch_idx + 1) % accumulate == 0 or self.trainer.is_last_batch:
+            self._step_optimizers(opt_ae, opt_disc, gan)
 
+    def _step_optimizers(self, opt_ae: Any, opt_disc: Any, gan: bool) -> None:
+        """The end of an accumulation window: step both optimisers (a window with a skipped batch steps with no
+        gradients, so Adam leaves every weight as it is and global_step still counts it), then clear the gradients."""
+        if self._window_skipped:
+            opt_ae.zero_grad(set_to_none=True)
+            opt_disc.zero_grad(set_to_none=True)
+        opt_ae.step()
+        if gan and not self._window_skipped:  # via the strategy (precision, clipping hook) but not counted
+            self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None, model=self)
         opt_ae.zero_grad(set_to_none=True)
         opt_disc.zero_grad(set_to_none=True)
-        self.nonfinite.log_count(self, x.shape[0])
-        if skip:  # no gradients: Adam leaves every weight as it is, and global_step still counts the batch
-            opt_ae.step()
-            return
-        self.manual_backward(total)
-        opt_ae.step()
-        if gan:  # through the strategy (precision plugin, clipping hook) but uncounted: global_step = batches
-            self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None, model=self)
+        self._window_skipped = False
+
+    def _log_terms(self, terms: dict[str, Tensor], batch_size: int) -> None:
         self.log_dict({f"train/{name}": value.detach() for name, value in self._named(terms).items()},
-                      prog_bar=False, batch_size=x.shape[0])
-        self.log("train/latent_scale", self.latent_scale, batch_size=x.shape[0])
+                      prog_bar=False, batch_size=batch_size)
+        self.log("train/latent_scale", self.latent_scale, batch_size=batch_size)
 
     def _named(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         named = dict(terms)
@@ -270,18 +334,21 @@ class VAEGAN(LightningModule):
             named[log_name(self.hparams.perceptual, self.hparams.effnet_input_size)] = named.pop("perceptual")
         return named
 
-    def _check_finite_and_track_latents(self, terms: dict[str, Tensor], z: Tensor) -> bool:
-        """One small all-reduce: this step's latent moments and whether any rank's loss is non-finite.
+    def _check_finite_and_track_latents(self, terms: dict[str, Tensor], z: Tensor, first: bool = True) -> bool:
+        """One small all-reduce: this batch's latent moments and whether any rank's loss is non-finite.
 
-        True when the step is to be skipped (`model.nonfinite_loss: skip`); raises `NonFiniteLossError` to stop."""
+        True when the step is to be skipped (`model.nonfinite_loss: skip`); raises `NonFiniteLossError` to stop.
+        The moments of an accumulation window's batches add up in one slot (`first`: the window's first batch)."""
         finite = torch.stack([value.detach().float() for value in terms.values()]).isfinite().all()
         stats = torch.cat([latent_moments(z), (~finite).double().reshape(1)])
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items()) if stats[3] > 0 else ""
         if self.nonfinite.skip_step(float(stats[3]), self.global_step, values):
             return True
-        self.latent_window[self.global_step % self.latent_window.shape[0]] = stats[:3]
-        self.latent_scale.fill_(scale_from_moments(self.latent_window).item())
+        slot = self.global_step % self.latent_window.shape[0]
+        self.latent_window[slot] = stats[:3] if first else self.latent_window[slot] + stats[:3]
+        if not self.fixed_scale:
+            self.latent_scale.fill_(scale_from_moments(self.latent_window).item())
         return False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -294,7 +361,7 @@ class VAEGAN(LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = tuple(self.hparams.betas)
-        autoencoder = list(self.encoder.parameters()) + list(self.decoder.parameters())
+        autoencoder = [p for p in [*self.encoder.parameters(), *self.decoder.parameters()] if p.requires_grad]
         return [
             torch.optim.Adam(autoencoder, lr=self.hparams.lr, betas=betas),
             torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.disc_lr or self.hparams.lr, betas=betas),

