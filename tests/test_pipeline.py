@@ -35,22 +35,22 @@ def test_smoke_extends_quickstart_and_overrides_land_where_they_belong() -> None
         load_preset("no_such_preset")
 
 
-def test_checkpoint_callbacks_point_every_model_checkpoint_at_the_stage() -> None:
+def test_checkpoint_callbacks_leave_every_model_checkpoint_in_the_stage_folder() -> None:
     config = {"trainer": {"callbacks": [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "runs/x", "monitor": "m"}},
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
     ]}}
-    callbacks = checkpoint_callbacks(config, Path("/o/ckpt"))
-    assert callbacks[0]["init_args"] == {"dirpath": "/o/ckpt", "monitor": "m", "save_last": False,
-                                         "enable_version_counter": False}
+    callbacks = checkpoint_callbacks(config)
+    # no dirpath: the CLI writes them to <default_root_dir>/checkpoints, the stage folder
+    assert callbacks[0]["init_args"] == {"monitor": "m", "save_last": False, "enable_version_counter": False}
     assert callbacks[1] == config["trainer"]["callbacks"][1] and config["trainer"]["callbacks"][0]["init_args"][
         "dirpath"] == "runs/x"  # the config itself is not changed
-    assert callbacks[2]["init_args"] == {"dirpath": "/o/ckpt", "save_last": True, "save_top_k": 0,
+    assert callbacks[2]["init_args"] == {"save_last": True, "save_top_k": 0,
                                          "enable_version_counter": False}  # last.ckpt = the final weights
-    assert checkpoint_callbacks({}, Path("/o/c"))[0]["init_args"]["dirpath"] == "/o/c"
+    assert checkpoint_callbacks({})[0]["init_args"] == callbacks[2]["init_args"]
     unmonitored = {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                               "init_args": {"save_top_k": 0}}]}}
-    assert [c["init_args"]["save_last"] for c in checkpoint_callbacks(unmonitored, Path("/o/c"))] == [True]
+    assert [c["init_args"]["save_last"] for c in checkpoint_callbacks(unmonitored)] == [True]
 
 
 def test_last_checkpoint_holds_the_final_step_when_the_last_validation_is_not_the_best(tmp_path: Path) -> None:
@@ -69,13 +69,13 @@ def test_last_checkpoint_holds_the_final_step_when_the_last_validation_is_not_th
     config = {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
         "filename": "best", "monitor": "val/loss", "mode": "min", "save_top_k": 1, "save_last": True}}]}}
     callbacks = []
-    for spec in checkpoint_callbacks(config, tmp_path / "ckpt"):
+    for spec in checkpoint_callbacks(config):
         module, _, name = spec["class_path"].rpartition(".")
         callbacks.append(getattr(importlib.import_module(module), name)(**spec.get("init_args", {})))
     trainer = pl.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(Worsening())
-    load = lambda name: torch.load(tmp_path / "ckpt" / name, weights_only=True)  # noqa: E731
+    load = lambda name: torch.load(tmp_path / "checkpoints" / name, weights_only=True)  # noqa: E731
     assert load("last.ckpt")["global_step"] == 6 and load("best.ckpt")["global_step"] == 2
     assert cli_value([]) == "[]" and cli_value("a b") == "a b" and cli_value(True) == "true"
 

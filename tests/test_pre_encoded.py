@@ -80,7 +80,7 @@ def test_fit_on_stored_text_never_runs_the_text_tower(encoded: Path, tmp_path: P
 
 def test_other_vae_is_refused(encoded: Path, tmp_path: Path) -> None:
     other = tiny_vae_checkpoint(tmp_path / "other_vae.ckpt", scale=0.5)  # same weights, another file content
-    with pytest.raises(UserError, match=r"latents in .*latents were encoded with another VAE-GAN.*--vae .*other_vae"):
+    with pytest.raises(UserError, match=r"latents in .*latents were encoded with another autoencoder.*--vae .*other_vae"):
         trainer(tmp_path, max_steps=1).fit(denoiser(encoded, vae_checkpoint=str(other)),
                                            datamodule=data(encoded, ["latent.npy"]))
 

@@ -24,6 +24,9 @@ discriminator's batch-norm statistics.
 `latent_scale` (a buffer, saved in checkpoints) is `1 / std` of the posterior samples over the last
 `latent_scale_batches` training batches of all ranks, updated every step: any checkpoint, the final one included,
 carries the scale of its own encoder. `measure_latent_scale(loader, n)` re-measures it on chosen data.
+
+`pretrained: folder` fine-tunes a diffusers `AutoencoderKL` (see `diffusers_vae`; the network arguments then do not
+apply); `train_encoder: false` trains the decoder only and keeps the folder's scaling_factor/shift_factor.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from lightning_diffusion.autoencoder.discriminator import PatchDiscriminator
+from lightning_diffusion.autoencoder.diffusers_vae import network_levels, pretrained_networks
 from lightning_diffusion.autoencoder.distributions import DiagonalGaussian
+from lightning_diffusion.autoencoder.frozen_autoencoder import LatentScaling
 from lightning_diffusion.autoencoder.latent_scale import latent_moments, scale_from_moments
 from lightning_diffusion.autoencoder.losses import (
     GANLoss, adaptive_weight, discriminator_loss, generator_loss, reconstruction_loss,
 )
-from lightning_diffusion.autoencoder.networks import Decoder, Encoder
+from lightning_diffusion.autoencoder.networks import Decoder, DownsamplePadding, Encoder
 from lightning_diffusion.autoencoder.perceptual import PerceptualName, check_perceptual, log_name, make_perceptual
 from lightning_diffusion.autoencoder.validation import ReconstructionMetrics
 from lightning_diffusion.errors import UserError, check_positive
@@ -83,7 +88,7 @@ def _own_hyperparameters() -> Iterator[None]:
         _given_hyperparameters.reset(token)
 
 
-class VAEGAN(LightningModule):
+class VAEGAN(LatentScaling, LightningModule):
     """Encoder -> diagonal Gaussian posterior -> decoder, trained with reconstruction, perceptual, KL and GAN losses."""
 
     def __init__(
@@ -98,6 +103,10 @@ class VAEGAN(LightningModule):
         decoder_num_blocks: int | None = None,
         mid_attention: bool = True,
         dropout: float = 0.0,
+        downsample_padding: DownsamplePadding = "symmetric",
+        pretrained: str | None = None,
+        pretrained_config: dict[str, Any] | None = None,
+        train_encoder: bool = True,
         reconstruction: Literal["l1", "l2"] = "l1",
         perceptual: PerceptualName = "effnet",
         perceptual_weight: float = 1.0,
@@ -130,25 +139,36 @@ class VAEGAN(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_perceptual(perceptual)
-        factor = 2 ** (len(channel_mults) - 1)
+        factor = 2 ** (network_levels(channel_mults, pretrained, pretrained_config) - 1)
         if image_size % factor:
             raise UserError(f"model.image_size {image_size} is not divisible by the downsampling factor {factor} of "
-                            f"model.channel_mults {list(channel_mults)}: use a multiple of {factor} (e.g. "
-                            f"{max(factor, image_size // factor * factor)}) or fewer model.channel_mults")
+                            f"the network (model.channel_mults or model.pretrained): use a multiple of {factor} (e.g. "
+                            f"{max(factor, image_size // factor * factor)})")
         if disc_loss == "hinge" and real_label != 1.0:
             raise UserError("model.real_label (one-sided label smoothing) needs model.disc_loss: non_saturating")
         self.automatic_optimization = False
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "VAE-GAN",
                                         "lower model.lr or set model.grad_clip, use bf16-mixed rather than 16-mixed")
-        self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention, dropout)
-        self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
-                               decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
+        if pretrained or pretrained_config:  # diffusers' AutoencoderKL network and weights (see the module doc)
+            self.encoder, self.decoder, self.hparams["pretrained_config"] = pretrained_networks(
+                pretrained, pretrained_config, in_channels)
+        else:
+            self.encoder = Encoder(in_channels, channels, channel_mults, num_blocks, latent_channels, mid_attention,
+                                   dropout, downsample_padding)
+            self.decoder = Decoder(in_channels, decoder_channels or channels, channel_mults,
+                                   decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
         self.discriminator = PatchDiscriminator(in_channels, disc_channels, disc_layers)
         maybe_compile(compile, [self.encoder, self.decoder, self.discriminator], compile_backend, compile_mode)
         self._window_skipped = False  # a batch of the current accumulation window had a skipped (non-finite) loss
         self.register_buffer("latent_scale", torch.tensor(1.0))
         # per training step [sum z, sum z^2, count] over all ranks, a ring of the last `latent_scale_batches` steps
         self.register_buffer("latent_window", torch.zeros(latent_scale_batches, 3, dtype=torch.float64))
+        self.encoder.requires_grad_(train_encoder)
+        config = self.hparams.get("pretrained_config")
+        self.fixed_scale = bool(config) and not train_encoder  # the folder's latent space: keep its published scale
+        if self.fixed_scale:
+            self.latent_scale.fill_(float(config["scaling_factor"]))
+            self.latent_shift = float(config.get("shift_factor") or 0.0)
         self._perceptual: list[torch.nn.Module | None] = []  # a list keeps the frozen network off the module tree
         self._val_metrics: ReconstructionMetrics | None = None
         self._val_images: tuple[Tensor, Tensor] | None = None
@@ -173,15 +193,24 @@ class VAEGAN(LightningModule):
         return self.decode(self.encode(images).mode()).clamp(-1, 1)
 
     @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (network_levels(self.hparams.channel_mults, None, self.hparams.get("pretrained_config")) - 1)
+
+    @property
+    def default_image_size(self) -> int:
+        return int(self.hparams.image_size)
+
+    @property
     def latent_scale_measured(self) -> bool:
-        return bool(self.latent_window[:, 2].sum() > 0)
+        return self.fixed_scale or bool(self.latent_window[:, 2].sum() > 0)
 
     @classmethod
     def load_frozen(cls, path: str | Path) -> "VAEGAN":
         """The autoencoder of a checkpoint, in eval mode with gradients off (weights_only loading)."""
-        from lightning_diffusion.training.checkpoints import load_checkpoint
+        from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 
         checkpoint = load_checkpoint(path, what="VAE-GAN checkpoint", key="model.vae_checkpoint")
+        check_checkpoint_class(checkpoint, "VAE-GAN", path=path, key="model.vae_checkpoint")
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
         hparams["compile"] = False  # a training option: a frozen autoencoder runs eager
         try:
@@ -189,8 +218,9 @@ class VAEGAN(LightningModule):
                 model = cls(**hparams)
             model.load_state_dict(checkpoint["state_dict"], strict=True)
         except (TypeError, KeyError, RuntimeError) as err:
-            raise UserError(f"'{path}' is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): "
-                            "point model.vae_checkpoint at a checkpoint of the vae_gan stage") from err
+            raise UserError(f"'{path}' is not a VAE-GAN checkpoint ({str(err).splitlines()[0]}): point "
+                            "model.vae_checkpoint at a checkpoint of the vae_gan stage or an AutoencoderKL "
+                            "folder") from err
         if not model.latent_scale_measured:
             warnings.warn(f"VAE-GAN checkpoint '{path}' has no measured latent_scale (it was saved before any "
                           "training step); using 1.0. Call measure_latent_scale(loader, num_batches) to set it.",
@@ -317,7 +347,8 @@ class VAEGAN(LightningModule):
             return True
         slot = self.global_step % self.latent_window.shape[0]
         self.latent_window[slot] = stats[:3] if first else self.latent_window[slot] + stats[:3]
-        self.latent_scale.fill_(scale_from_moments(self.latent_window).item())
+        if not self.fixed_scale:
+            self.latent_scale.fill_(scale_from_moments(self.latent_window).item())
         return False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -330,7 +361,7 @@ class VAEGAN(LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = tuple(self.hparams.betas)
-        autoencoder = list(self.encoder.parameters()) + list(self.decoder.parameters())
+        autoencoder = [p for p in [*self.encoder.parameters(), *self.decoder.parameters()] if p.requires_grad]
         return [
             torch.optim.Adam(autoencoder, lr=self.hparams.lr, betas=betas),
             torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.disc_lr or self.hparams.lr, betas=betas),

@@ -2,12 +2,13 @@
 strided-conv down-sampling, nearest-neighbour up-sampling, an optional self-attention block in the middle.
 
 Spatial compression f = 2 ** (len(channel_mults) - 1). The decoder mirrors the encoder and may be wider
-(`decoder_channels`) or deeper (`decoder_blocks`).
+(`decoder_channels`) or deeper (`decoder_blocks`). `downsample_padding="asymmetric"` pads (0, 1, 0, 1) before each
+stride-2 convolution as LDM and diffusers' `AutoencoderKL` do (needed to export to diffusers); "symmetric" pads 1.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,6 +49,25 @@ class SelfAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+DownsamplePadding = Literal["symmetric", "asymmetric"]
+
+
+class AsymmetricDownsample(nn.Conv2d):
+    """Stride-2 3x3 convolution after zero padding right and bottom only (LDM's / diffusers' `Downsample2D`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+def downsample(channels: int, padding: DownsamplePadding) -> nn.Conv2d:
+    if padding == "asymmetric":
+        return AsymmetricDownsample(channels)
+    return nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+
 def _mid(channels: int, attention: bool, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = [ResnetBlock(channels, channels, dropout)]
     if attention:
@@ -60,7 +80,8 @@ class Encoder(nn.Module):
     """Image `[B, in, H, W]` -> posterior moments `[B, 2 * latent, H/f, W/f]` (mean and log-variance)."""
 
     def __init__(self, in_channels: int, channels: int, channel_mults: Sequence[int], num_blocks: int,
-                 latent_channels: int, mid_attention: bool = True, dropout: float = 0.0) -> None:
+                 latent_channels: int, mid_attention: bool = True, dropout: float = 0.0,
+                 downsample_padding: DownsamplePadding = "symmetric") -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         layers: list[nn.Module] = []
@@ -70,7 +91,7 @@ class Encoder(nn.Module):
                 layers.append(ResnetBlock(width, channels * mult, dropout))
                 width = channels * mult
             if level < len(channel_mults) - 1:
-                layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+                layers.append(downsample(width, downsample_padding))
         self.down = nn.Sequential(*layers)
         self.mid = _mid(width, mid_attention, dropout)
         self.out = nn.Sequential(group_norm(width), nn.SiLU(), nn.Conv2d(width, 2 * latent_channels, 3, padding=1))

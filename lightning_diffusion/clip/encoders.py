@@ -16,7 +16,7 @@ from open_clip.model import CustomTextCLIP
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from lightning_diffusion.training.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 from lightning_diffusion.clip.model_configs import model_config
 from lightning_diffusion.clip.towers import (
     ARCH_KEYS,
@@ -36,6 +36,7 @@ from lightning_diffusion.errors import UserError
 def _clip_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(architecture arguments, open_clip state dict) of a `CLIPModule` Lightning checkpoint."""
     checkpoint = load_checkpoint(path, what="CLIP checkpoint")
+    check_checkpoint_class(checkpoint, "CLIP", path=path)
     hparams = checkpoint.get("hyper_parameters") or {}
     state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
     if "model_name" not in hparams or not state:
@@ -180,7 +181,7 @@ class MiniLMTextEncoder(nn.Module):
         from transformers import AutoModel
 
         folder = minilm_dir(path)
-        self.model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
+        self.model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, use_safetensors=True)
         self.tokenizer = HFTokenizer(str(folder), context_length=context_length)
         self.context_length = context_length
         self.width = int(self.model.config.hidden_size)

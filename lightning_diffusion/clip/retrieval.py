@@ -27,16 +27,19 @@ def recall_at_k(similarity: torch.Tensor, query_ids: torch.Tensor, gallery_ids: 
                 ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
     """Fraction of queries (rows) with a gallery item (column) of the same id among their top-k similarities.
 
-    Ties at the k-th place are broken by column order (as `torch.topk`); k larger than the gallery is clipped.
+    Tie rule (stable): each row is ranked by descending similarity, equal similarities by ascending column index,
+    so a column's rank is ``#{j: s_j > s_c} + #{j < c: s_j == s_c}``. The ranking is computed once for the whole
+    row, so recall@k does not depend on which other k are asked for (`torch.topk` gives no order among equal
+    values). k larger than the gallery is clipped.
     """
     if similarity.shape != (len(query_ids), len(gallery_ids)):
         raise ValueError(
             f"similarity {tuple(similarity.shape)} does not match {len(query_ids)} x {len(gallery_ids)} ids")
-    k_max = min(max(ks), similarity.shape[1])
-    top = similarity.topk(k_max, dim=1).indices
-    hits = gallery_ids.to(top.device)[top] == query_ids.to(top.device)[:, None]
-    first_hit = torch.where(hits.any(dim=1), hits.float().argmax(dim=1), torch.full_like(top[:, 0], k_max))
-    return {k: int((first_hit < min(k, k_max)).sum()) / len(first_hit) for k in ks}
+    order = similarity.sort(dim=1, descending=True, stable=True).indices
+    hits = gallery_ids.to(order.device)[order] == query_ids.to(order.device)[:, None]
+    columns = similarity.shape[1]
+    first_hit = torch.where(hits.any(dim=1), hits.float().argmax(dim=1), torch.full_like(order[:, 0], columns))
+    return {k: int((first_hit < min(k, columns)).sum()) / len(first_hit) for k in ks}
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, ids: torch.Tensor,

@@ -66,6 +66,10 @@ def minilm_dir(path: str | None = None) -> Path:
     else:
         folder = Path(path)
     missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
+    if not missing:
+        from lightning_diffusion.training.checkpoints import check_safetensors_folder
+
+        check_safetensors_folder(folder, what="all-MiniLM-L6-v2", key="minilm_path")
     if missing:
         raise UserError(
             f"minilm_path '{folder}' lacks {', '.join(missing)}: point it at an all-MiniLM-L6-v2 folder "

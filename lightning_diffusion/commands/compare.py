@@ -1,4 +1,7 @@
-"""`compare RUN_DIR... | --group NAME [--root runs]`: final/best metrics, differing hyper-parameters, plots.
+"""`compare RUN_DIR... | SWEEP_DIR | --group NAME [--root runs]`: final/best metrics, differing hyper-parameters, plots.
+
+A sweep folder (`sweep --submit` writes one; it holds `tasks.jsonl`) compares all its tasks and writes into
+`<sweep folder>/compare/`.
 
 Reads local runs only (offline W&B runs and Lightning CSV logs, see `lightning_diffusion.training.run_logs`), so it works
 on a cluster without internet and on runs still in progress. Writes `summary.json`, `table.txt` and PNGs:
@@ -31,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=Path("runs"), help="where to look for --group (default: runs)")
     parser.add_argument("--metrics", help="comma-separated metric keys to report (default: those all runs logged)")
     parser.add_argument("--out", type=Path,
-                        help="folder for summary.json, table.txt and PNGs (default: <root>/compare-<group|runs>)")
+                        help="folder for summary.json, table.txt and PNGs (default: <sweep folder>/compare for one "
+                             "sweep folder, else <root>/compare-<group|runs>)")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -174,6 +178,13 @@ def _select_runs(args: argparse.Namespace) -> list[RunLog]:
     return runs
 
 
+def default_out(args: argparse.Namespace) -> Path:
+    """`<sweep>/compare` for one sweep folder, else `compare-<group|runs>` next to the runs."""
+    if not args.group and len(args.runs) == 1 and (args.runs[0] / "tasks.jsonl").is_file():
+        return args.runs[0] / "compare"
+    return (args.root if args.group else Path(args.runs[0]).parent) / f"compare-{args.group or 'runs'}"
+
+
 def run(args: argparse.Namespace) -> int:
     runs = _select_runs(args)
     logged = [set(run.history) for run in runs]
@@ -189,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         if not run_log.finished:
             print(f"note: {run_log.name} ({run_log.path}) has no exit record: still running, or it crashed")
 
-    out = args.out or (args.root if args.group else Path(args.runs[0]).parent) / f"compare-{args.group or 'runs'}"
+    out = args.out or default_out(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.txt").write_text(table + "\n")
     summary = {"runs": rows, "hparams": hparams, "metrics": metrics}

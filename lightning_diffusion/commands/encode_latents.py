@@ -1,12 +1,14 @@
-"""`encode-latents`: image shards -> shards of frozen VAE-GAN latents, so the denoiser skips the encoder.
+"""`encode-latents`: image shards -> shards of frozen autoencoder latents, so the denoiser skips the encoder.
+
+`--vae` is a VAE-GAN checkpoint or a diffusers `AutoencoderKL` folder (see `autoencoder.frozen_autoencoder`).
 
 Each output sample keeps the input's `__key__` and caption and holds:
 - `latent.npy`: float32 `[C, h, w]`, the **unscaled** posterior mean (`--mode`, the default) or a posterior
   sample (`--sample`, seeded per key so the result does not depend on batch size or device). Unscaled, as LDM
-  stores them: the denoiser multiplies `batch["latent"]` by its own VAE's `latent_scale` at training time
-  (`Denoiser.batch_x0`), so the shards stay valid if the scale is re-measured.
-- `txt`: the caption; `json`: the VAE checkpoint's sha256, its `latent_scale`, the posterior choice, the image
-  size, and the input's integer `label` when it had one.
+  stores them: the denoiser scales `batch["latent"]` with its own VAE's `latent_scale` (and `latent_shift`) at
+  training time (`Denoiser.batch_x0`), so the shards stay valid if the scale is re-measured.
+- `txt`: the caption; `json`: the VAE's sha256 (`autoencoder_sha256`), its `latent_scale` and `latent_shift`, the
+  posterior choice, the image size, and the input's integer `label` when it had one.
 - `text_emb.npy` and `text_pooled.npy` (with `--text-encoder CLIP_CKPT`): float16 `[L, D]` per-token states and
   `[P]` pooled embedding of the frozen CLIP text tower (`CLIPTextEncoder`), with the number of real tokens as
   `text_tokens` in the json. A text denoiser whose `model.clip_checkpoint` is that file reads them instead of
@@ -41,7 +43,8 @@ CREATED_BY = "python -m lightning_diffusion encode-latents"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vae", required=True, help="VAE-GAN checkpoint (a vae_gan stage's .ckpt)")
+    parser.add_argument("--vae", required=True,
+                        help="VAE-GAN checkpoint (a vae_gan stage's .ckpt) or diffusers AutoencoderKL folder")
     parser.add_argument("--text-encoder", default=None,
                         help="CLIP checkpoint: also store its text tower's per-token states and pooled embedding "
                              "(text_emb.npy, text_pooled.npy)")
@@ -50,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     parser.add_argument("--prefix", default="train", help="shard name prefix and split name (default train)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="encode at N px (default: the VAE-GAN's image_size; must match the denoiser's)")
+                        help="encode at N px (default: the VAE's image_size / sample_size; must match the denoiser's)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default 64)")
     posterior = parser.add_mutually_exclusive_group()
     posterior.add_argument("--mode", dest="posterior", action="store_const", const="mode",
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         MANIFEST_NAME, ShardWriter, read_manifest, remove_stale_shards, sha256_file, write_manifest,
     )
     from data_pipelines.urls import resolve_shards
-    from lightning_diffusion.autoencoder import VAEGAN
+    from lightning_diffusion.autoencoder.frozen_autoencoder import autoencoder_sha256, load_frozen_autoencoder
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -144,21 +147,21 @@ def run(args: argparse.Namespace) -> int:
     if any(Path(url).resolve().parent == out.resolve() for url in urls):
         raise UserError(f"--out {out} is the folder of the input shards: write the latents to a folder of their own")
     device = _device(args.device)
-    vae = VAEGAN.load_frozen(args.vae).to(device)
-    image_size = args.image_size or int(vae.hparams.image_size)
-    factor = 2 ** (len(vae.hparams.channel_mults) - 1)
+    vae = load_frozen_autoencoder(args.vae, "--vae").to(device)
+    image_size = args.image_size or vae.default_image_size
+    factor = vae.downsampling_factor
     if image_size < 1 or image_size % factor:
-        raise UserError(f"--image-size {image_size} must be a positive multiple of the VAE-GAN's downsampling "
+        raise UserError(f"--image-size {image_size} must be a positive multiple of the VAE's downsampling "
                         f"factor {factor}")
     text_encoder = None
     if args.text_encoder:
         from lightning_diffusion.clip import CLIPTextEncoder
 
         text_encoder = CLIPTextEncoder.from_checkpoint(args.text_encoder).to(device)
-    vae_sha = sha256_file(Path(args.vae))
+    vae_sha = autoencoder_sha256(args.vae)
     latent_scale = float(vae.latent_scale)
-    meta_common = {"vae_sha256": vae_sha, "latent_scale": latent_scale, "posterior": args.posterior,
-                   "image_size": image_size}
+    meta_common = {"vae_sha256": vae_sha, "latent_scale": latent_scale, "latent_shift": float(vae.latent_shift),
+                   "posterior": args.posterior, "image_size": image_size}
 
     previous = read_manifest(out) if out.exists() else None
     samples, data = _single_samples(urls, image_size, args.num_workers)

@@ -1,7 +1,7 @@
 """`evaluate --ckpt C --data D --metrics fid,kid,... --num-samples N`: score a checkpoint, print a table, write JSON.
 
-VAE-GAN checkpoints get reconstruction metrics (PSNR, SSIM, LPIPS, the EfficientNet-Lite0 perceptual distance,
-Fréchet/kernel distance of reconstructions),
+VAE-GAN checkpoints and diffusers AutoencoderKL folders get reconstruction metrics (PSNR, SSIM, LPIPS, the
+EfficientNet-Lite0 perceptual distance, Fréchet/kernel distance of reconstructions),
 denoiser checkpoints metrics of generated samples (Fréchet/kernel distance, CLIP score); see
 `lightning_diffusion.metrics.evaluation`. The Fréchet encoder is Inception-v3 when its weights file is present
 (`auto`), else EfficientNet-Lite0 (or `--encoder clip` with `--clip-ckpt`); the key names the one used. Real-data
@@ -23,14 +23,15 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_diffusion.training.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import load_checkpoint, resolve_model_class, user_model_class
 from lightning_diffusion.errors import UserError
 
 METRIC_CHOICES = ("fid", "kid", "lpips", "perceptual", "psnr", "ssim", "clip_score")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, type=Path, help="Lightning checkpoint to score")
+    parser.add_argument("--ckpt", required=True, type=Path,
+                        help="Lightning checkpoint to score (or a diffusers AutoencoderKL folder)")
     parser.add_argument("--data", required=True, nargs="+", help="shard URL patterns (e.g. 'data/emoji/val-*.tar')")
     parser.add_argument("--metrics", default="fid,psnr,ssim", help=f"comma-separated, from {', '.join(METRIC_CHOICES)}")
     parser.add_argument("--num-samples", type=int, default=1000, help="images scored (all ranks together)")
@@ -58,17 +59,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> str:
-    """The model's class path: LightningCLI stores it in the checkpoint (`_class_path`) or in the run's config.yaml."""
-    if isinstance(hparams.get("_class_path"), str):
-        return hparams["_class_path"]
+def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> tuple[str, str]:
+    """(class path, where it was read): LightningCLI stores it in the checkpoint (`_class_path`), else the run's
+    config.yaml names it. Only read here; `resolve_model_class` checks it before anything is imported."""
+    if "_class_path" in hparams:
+        return hparams["_class_path"], f"checkpoint '{ckpt}' (--ckpt)"
     for folder in list(ckpt.resolve().parents)[:5]:
         config = folder / "config.yaml"
         if config.is_file():
-            loaded = yaml.safe_load(config.read_text()) or {}
-            class_path = (loaded.get("model") or {}).get("class_path") if isinstance(loaded, dict) else None
+            try:
+                loaded = yaml.safe_load(config.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                raise UserError(f"'{config}' (the config beside --ckpt) is not plain YAML "
+                                f"({str(err).strip().splitlines()[0]}): fix it, or pass --model-class") from err
+            model = loaded.get("model") if isinstance(loaded, dict) else None
+            class_path = model.get("class_path") if isinstance(model, dict) else None
             if class_path:
-                return class_path
+                return class_path, f"'{config}' (model.class_path)"
     raise UserError(f"cannot tell which model '{ckpt}' holds (no _class_path in it, no config.yaml with "
                     "model.class_path above it): pass --model-class, e.g. "
                     "lightning_diffusion.diffusion.module.Denoiser")
@@ -77,18 +84,20 @@ def find_model_class(ckpt: Path, hparams: dict[str, Any]) -> str:
 def load_model(ckpt: Path, class_path: str | None, device: torch.device) -> torch.nn.Module:
     """Rebuild the LightningModule from the checkpoint's hyper-parameters and load its weights (weights_only).
 
-    Models trained with EMA keep the averaged weights in `state_dict`, so those are the ones scored.
+    The class comes from --model-class (the user's choice: any LightningModule), else from the checkpoint or the
+    run's config.yaml, and then must be one of the project's models (`resolve_model_class`). Models trained with EMA keep the averaged weights in `state_dict`, so those
+    are the ones scored.
     """
-    import importlib
-
     checkpoint = load_checkpoint(ckpt, what="model checkpoint", key="--ckpt")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise UserError(f"'{ckpt}' (--ckpt) is not a Lightning checkpoint (no state_dict): pass a .ckpt written by "
+                        "`fit` (e.g. <run>/checkpoints/last.ckpt)")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    class_path = class_path or find_model_class(ckpt, hparams)
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UserError(f"model class '{class_path}' cannot be imported ({err}): check --model-class") from err
+    if class_path:
+        cls = user_model_class(class_path)
+    else:
+        class_path, source = find_model_class(ckpt, hparams)
+        cls = resolve_model_class(class_path, source=source)
     try:
         model = cls(**{key: value for key, value in hparams.items() if not key.startswith("_")})
         model.on_load_checkpoint(checkpoint)
@@ -164,11 +173,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         device = torch.device(args.device)
     started = time.perf_counter()
-    model = load_model(args.ckpt, args.model_class, device)
+    if args.ckpt.is_dir():  # a diffusers AutoencoderKL folder: its reconstructions are scored
+        from lightning_diffusion.autoencoder.diffusers_vae import DiffusersVAE
+
+        model = DiffusersVAE.from_folder(args.ckpt, "--ckpt").to(device)
+    else:
+        model = load_model(args.ckpt, args.model_class, device)
     task = model_task(model)
     check_metrics(task, metrics)
     options = generation_options(args, model, task)
-    image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size", 64))
+    image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size",
+                                                                          getattr(model, "default_image_size", 64)))
 
     suite, encoder_name, real_cached = None, None, None
     frechet_metrics = tuple(m for m in metrics if m in ("fid", "kid"))

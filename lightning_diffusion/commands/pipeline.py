@@ -36,6 +36,7 @@ from lightning_diffusion.errors import UserError
 STAGES = ("data", "vae_gan", "clip", "latents", "denoiser", "evaluate", "report")
 FIT_STAGES = ("vae_gan", "clip", "denoiser")
 DONE = "done.json"
+OWNED = ".written-by-pipeline"
 # Lightning's default (rich) bar draws nothing until the end when its output is a pipe, as the stages' output is
 # here (it goes to the terminal and to <stage>/log.txt): tqdm's bar updates a line there every `refresh_rate` steps.
 PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 10}}
@@ -143,6 +144,20 @@ def check_preset(preset: dict[str, Any], where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- running
+def check_own_folder(folder: Path) -> None:
+    """Refuse a non-empty `<out>/<stage>` folder the pipeline did not make (its record: `OWNED`, or the `DONE`
+    marker of a finished stage): the pipeline may clear its stage folders, never a folder of the user's."""
+    if folder.is_dir() and any(folder.iterdir()) and not ((folder / OWNED).is_file() or (folder / DONE).is_file()):
+        raise UserError(f"--out: '{folder}' exists and was not written by the pipeline (no {OWNED} in it), so it is "
+                        "not touched: choose another --out, or move that folder away")
+
+
+def remove_own_folder(folder: Path) -> None:
+    """Delete a stage folder before its stage reruns, only if the pipeline made it (see `check_own_folder`)."""
+    check_own_folder(folder)
+    shutil.rmtree(folder)
+
+
 class StageFailed(UserError):
     """A stage's subprocess failed; its folder has no done marker, so the next call starts it again."""
 
@@ -162,6 +177,7 @@ class Pipeline:
         return self.out / stage
 
     def checkpoint(self, stage: str) -> Path:
+        """`<stage folder>/checkpoints/last.ckpt`: the stage folder is the fit's `trainer.default_root_dir`."""
         return self.stage_dir(stage) / "checkpoints" / "last.ckpt"
 
     # --------------------------------------------------------------------------------------------- bookkeeping
@@ -177,8 +193,9 @@ class Pipeline:
             print(f"[pipeline] {stage}: finished earlier, skipped ({folder / DONE})", file=sys.stderr)
             return
         if clear and folder.exists():
-            shutil.rmtree(folder)
+            remove_own_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / OWNED).touch()  # the record that this folder is the pipeline's to clear on a rerun
         (folder / DONE).unlink(missing_ok=True)
         print(f"[pipeline] {stage}: running (log: {folder / 'log.txt'})", file=sys.stderr)
         started = time.perf_counter()
@@ -226,7 +243,7 @@ class Pipeline:
         folder = self.stage_dir(stage)
         overrides = {
             "trainer.default_root_dir": str(folder),
-            "trainer.callbacks": checkpoint_callbacks(base, folder / "checkpoints") + self.sample_metrics(stage)
+            "trainer.callbacks": checkpoint_callbacks(base) + self.sample_metrics(stage)
             + [PROGRESS_BAR],
             "trainer.logger": self.loggers(stage),
             **automatic,
@@ -267,6 +284,8 @@ class Pipeline:
     def run(self) -> None:
         from lightning_diffusion.commands.quickstart_report import pick_prompts, write_report
 
+        for stage in STAGES:  # before any stage runs: a folder of the user's under --out stops the whole run
+            check_own_folder(self.stage_dir(stage))
         size = self.preset["image_size"]
         self.build_data()
         self.stage("vae_gan", [self.checkpoint("vae_gan")], lambda: self.command("vae_gan", self.fit_args(
@@ -344,8 +363,9 @@ class Pipeline:
                                   str(self.checkpoint("clip")), *common, "--out", str(folder / "denoiser.json")])
 
 
-def checkpoint_callbacks(config: dict[str, Any], dirpath: Path) -> list[dict[str, Any]]:
-    """The stage config's callbacks with every ModelCheckpoint writing into `dirpath`, and `last.ckpt` = the final
+def checkpoint_callbacks(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage config's callbacks with every ModelCheckpoint writing into the run folder's `checkpoints/` (no
+    `dirpath`: the CLI puts them under `trainer.default_root_dir`, the stage folder), and `last.ckpt` = the final
     weights.
 
     Lightning 2.6 writes `last.ckpt` of a monitored ModelCheckpoint only when that validation also wrote a top-k
@@ -357,15 +377,15 @@ def checkpoint_callbacks(config: dict[str, Any], dirpath: Path) -> list[dict[str
     has_last = False
     for callback in callbacks:
         if str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
-            args = {**(callback.get("init_args") or {}), "dirpath": str(dirpath), "enable_version_counter": False}
+            args = {**(callback.get("init_args") or {}), "enable_version_counter": False}
+            args.pop("dirpath", None)
             monitored = args.get("monitor") is not None
             args["save_last"] = not monitored
             has_last = has_last or not monitored
             callback["init_args"] = args
     if not has_last:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                          "init_args": {"dirpath": str(dirpath), "save_last": True, "save_top_k": 0,
-                                        "enable_version_counter": False}})
+                          "init_args": {"save_last": True, "save_top_k": 0, "enable_version_counter": False}})
     return callbacks
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_diffusion.training.checkpoints import load_checkpoint
+from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
 from lightning_diffusion.diffusion.arguments import check_sampling
@@ -41,13 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=16, help="samples per row")
     parser.add_argument("--out", default="samples/grid.png", help="grid PNG; single images go to a folder beside it")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--vae-checkpoint", default=None, help="override the VAE-GAN path stored in the checkpoint")
+    parser.add_argument("--vae-checkpoint", default=None,
+                        help="override the VAE path stored in the checkpoint (VAE-GAN .ckpt or AutoencoderKL folder)")
     parser.add_argument("--clip-checkpoint", default=None, help="override the CLIP path stored in the checkpoint")
 
 
 def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
     """A Denoiser from a Lightning checkpoint (weights_only), in eval mode on the CPU."""
     checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
+    check_checkpoint_class(checkpoint, "denoiser", path=path, key="--ckpt")
     hparams = checkpoint.get("hyper_parameters") or {}
     if "objective" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' (--ckpt) is not a denoiser checkpoint: pass one written by "
@@ -57,9 +59,9 @@ def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
     model = Denoiser(**kwargs)
     trained = checkpoint["state_dict"].get("unet.out.2.weight")  # [sample channels, C, 3, 3]
     if trained is not None and trained.shape[0] != model.sample_shape[0]:
-        raise UserError(f"the VAE-GAN '{kwargs.get('vae_checkpoint')}' gives {model.sample_shape[0]} latent channels "
-                        f"but the denoiser '{path}' was trained on {trained.shape[0]}: pass the VAE-GAN checkpoint it "
-                        "was trained with (--vae-checkpoint)")
+        raise UserError(f"the VAE '{kwargs.get('vae_checkpoint')}' gives {model.sample_shape[0]} latent channels "
+                        f"but the denoiser '{path}' was trained on {trained.shape[0]}: pass the VAE it was trained "
+                        "with (--vae-checkpoint)")
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:

@@ -12,13 +12,26 @@ The sweep file names a base config and dotted config keys with the values to try
     sbatch: [--time=02:00:00]          # optional extra sbatch options
 
 For `random`, a parameter is a list (drawn uniformly) or `{distribution: uniform | log_uniform | int_uniform,
-min: A, max: B}`. The command writes `tasks.jsonl` (one override set per array task) into a new sweep folder
-under `--out`; `slurm/sweep.sbatch` runs `fit` for task i with line i. Every task logs to one W&B group.
+min: A, max: B}`. `--override KEY=VALUE` sets a key for every task (it wins over the file's parameters), e.g. to
+shorten a sweep for a try. Every key is checked against the base config resolved by LightningCLI (defaults
+included) before anything is written or submitted.
+
+`--dry-run` (the default) prints the plan and writes nothing. `--submit` writes the sweep folder and submits:
+
+    <out>/<name>-<time>/              the W&B group of every task
+      sweep.yaml  tasks.jsonl  submitted.json
+      slurm-<array job>_<task>.out    each task's log (a requeued task appends to its own)
+      runs/<cluster>-<array job>_<task>/   one run folder per task (its trainer.default_root_dir): config.yaml,
+                                      checkpoints/, resume/, hpc_ckpt_*.ckpt, wandb/ (one W&B run per task)
+
+`slurm/sweep.sbatch` runs `fit` for task i with line i of `tasks.jsonl`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -197,40 +210,105 @@ def _show(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if not isinstance(value, str) else value
 
 
+def parse_overrides(texts: list[str]) -> dict[str, Any]:
+    """`--override KEY=VALUE` (VALUE is YAML) into `{key: value}`; a malformed one is a one-line error."""
+    overrides: dict[str, Any] = {}
+    for text in texts:
+        key, sep, raw = text.partition("=")
+        if not sep or not _KEY.match(key):
+            raise UserError(f"--override {text!r}: write KEY=VALUE with a dotted config key, e.g. trainer.max_steps=100")
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise UserError(f"--override {text!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from err
+    return overrides
+
+
+def config_keys(configs: tuple[str, ...]) -> set[str]:
+    """Every dotted key of the base config as LightningCLI resolves it (`fit --print_config`: defaults and the
+    chosen classes' init_args included); nested mappings give their parents' keys too, and `model.init_args.lr`
+    also counts as `model.lr` (jsonargparse's short form)."""
+    from lightning_diffusion.cli import run_lightning
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        run_lightning(["fit", *(arg for config in configs for arg in ("--config", config)), "--print_config"])
+    resolved = yaml.safe_load(printed.getvalue())
+    if not isinstance(resolved, dict):
+        raise UserError(f"could not resolve the base config {' '.join(configs)}: check it with "
+                        f"`python -m lightning_diffusion fit --config {configs[0]} --print_config`")
+    keys: set[str] = set()
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            keys.add(f"{prefix}{key}")
+            keys.add(f"{prefix}{key}".replace(".init_args.", "."))
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(resolved, "")
+    return keys
+
+
+def check_keys(sweep: Sweep, source: str, overrides: dict[str, Any]) -> None:
+    """Every parameter and override key must be a key of the resolved base config: one line naming it otherwise."""
+    if not sweep.configs:
+        raise UserError(f"sweep file '{source}' names no `config:`: set the base config(s) every task starts from, "
+                        "e.g. config: configs/clip/tiny.yaml")
+    known = config_keys(sweep.configs)
+    named = [(key, f"parameter '{key}' of sweep file '{source}'") for key in sweep.parameters]
+    named += [(key, f"--override key '{key}'") for key in overrides]
+    for key, where in named:
+        if key not in known:
+            raise UserError(f"{where} is not a key of the config {' '.join(sweep.configs)} (see `python -m "
+                            f"lightning_diffusion fit --config {sweep.configs[0]} --print_config`)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", help="the sweep file (see configs/sweeps/example.yaml)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the sbatch command and the task table (default)")
-    mode.add_argument("--submit", action="store_true", help="submit the job array with sbatch and print its id")
+    mode.add_argument("--dry-run", action="store_true", help="print the plan and the sbatch command, write nothing (default)")
+    mode.add_argument("--submit", action="store_true", help="write the sweep folder, submit the job array, print its id")
     parser.add_argument("--out", default="runs/sweeps", help="folder for sweep folders (default: runs/sweeps)")
     parser.add_argument("--script", default="slurm/sweep.sbatch", help="the job-array template")
     parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                         help="extra sbatch option, repeatable: --sbatch=--partition=gpu")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a config key for every task, over the sweep's parameters (VALUE is YAML; repeatable): "
+                             "--override trainer.max_steps=100")
 
 
 def run(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep_file)
     if not Path(args.script).is_file():
         raise UserError(f"job-array template '{args.script}' not found: run from the repository root or pass --script")
-    tasks = expand(sweep)
-    sweep_dir = write_sweep_dir(sweep, Path(args.sweep_file), tasks, Path(args.out))
-    command = sbatch_command(sweep, sweep_dir, len(tasks), args.script, args.sbatch)
-    env = {"CONFIG": " ".join(sweep.configs)} if sweep.configs else {}
-    shown = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command)])
+    overrides = parse_overrides(args.override)
+    check_keys(sweep, args.sweep_file, overrides)
+    tasks = [{**task, **overrides} for task in expand(sweep)]
+    planned = Path(args.out) / f"{sweep.name}-<time>"
     print(f"sweep {sweep.name}: {len(tasks)} task(s), {sweep.method}, at most "
-          f"{min(sweep.max_parallel, len(tasks))} at once; folder and W&B group: {sweep_dir.name}")
-    print(format_table(tasks))
+          f"{min(sweep.max_parallel, len(tasks))} at once; folder and W&B group: {planned.name}")
+    print(format_table([{k: v for k, v in task.items() if k not in overrides} for task in tasks]))
+    if overrides:
+        print("every task also: " + " ".join(f"{k}={_show(v)}" for k, v in overrides.items()))
+    env = {"CONFIG": " ".join(sweep.configs)}
     if not args.submit:
-        print(f"\n{shown}")
+        command = sbatch_command(sweep, planned, len(tasks), args.script, args.sbatch)
+        print("\n" + " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command)]))
         return 0
     if shutil.which("sbatch") is None:
         raise UserError("sbatch not found: submit from a SLURM login node, or use --dry-run to see the command")
+    sweep_dir = write_sweep_dir(sweep, Path(args.sweep_file), tasks, Path(args.out))
+    command = sbatch_command(sweep, sweep_dir, len(tasks), args.script, args.sbatch)
+    shown = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command)])
     result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
     if result.returncode != 0:
+        shutil.rmtree(sweep_dir)  # nothing half-written: no job refers to it
         message = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"sbatch failed ({message}); command: {shown}")
     job_id = result.stdout.strip().split(";")[0]
     (sweep_dir / "submitted.json").write_text(json.dumps({"job_id": job_id, "command": shown}) + "\n")
-    print(f"submitted job array {job_id}: logs {sweep_dir}/slurm-{job_id}_<task>.out, runs {sweep_dir}/runs/")
+    print(f"submitted job array {job_id} into {sweep_dir}: logs slurm-{job_id}_<task>.out, run folders "
+          f"runs/<cluster>-{job_id}_<task>/; compare with `python -m lightning_diffusion compare {sweep_dir}`")
     print(job_id)
     return 0

@@ -1,4 +1,4 @@
-"""Frozen sub-models of the denoiser (the VAE-GAN, the text encoder), loaded from their own checkpoints.
+"""Frozen sub-models of the denoiser (the autoencoder, the text encoder), loaded from their own checkpoints.
 
 They are held outside the module tree on purpose: not in ``parameters()`` (so never in the optimiser or DDP's
 gradient buckets), not in the denoiser's ``state_dict`` (their weights already live in their own checkpoints,
@@ -14,7 +14,8 @@ from torch import nn
 
 from lightning_diffusion.errors import UserError
 
-VAE_FIX = "train the VAE-GAN first: python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml"
+VAE_FIX = ("train the VAE-GAN first (python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml) or "
+           "point it at a diffusers AutoencoderKL folder")
 CLIP_FIX = "train CLIP first: python -m lightning_diffusion fit --config configs/clip/tiny.yaml"
 
 
@@ -37,20 +38,21 @@ class Frozen:
         return self
 
 
-def _require_file(path: str | None, key: str, what: str, fix: str) -> str:
+def _require_file(path: str | None, key: str, what: str, fix: str, folder_ok: bool = False) -> str:
     if not path:
         raise UserError(f"{key} is not set: this denoiser needs the frozen {what}; {fix}")
-    if not Path(path).is_file():
+    if not (Path(path).is_file() or folder_ok and Path(path).is_dir()):
         raise UserError(f"{key} '{path}' does not exist: {fix}")
     return path
 
 
 def load_vae(path: str | None) -> nn.Module:
-    """The frozen VAE-GAN of a latent-space denoiser (``model.vae_checkpoint``)."""
-    path = _require_file(path, "model.vae_checkpoint", "VAE-GAN", VAE_FIX)
-    from lightning_diffusion.autoencoder import VAEGAN
+    """The frozen autoencoder of a latent-space denoiser (``model.vae_checkpoint``): a VAE-GAN checkpoint or a
+    diffusers ``AutoencoderKL`` folder (see ``lightning_diffusion.autoencoder.frozen_autoencoder``)."""
+    path = _require_file(path, "model.vae_checkpoint", "autoencoder", VAE_FIX, folder_ok=True)
+    from lightning_diffusion.autoencoder.frozen_autoencoder import load_frozen_autoencoder
 
-    return VAEGAN.load_frozen(path)
+    return load_frozen_autoencoder(path, "model.vae_checkpoint")
 
 
 def load_text_encoder(name: str, clip_checkpoint: str | None) -> nn.Module:

@@ -1,6 +1,6 @@
 """The conditional denoiser as a LightningModule: pixel or latent space, text / class / low-res conditions.
 
-One training step: data ``x0`` (pixels, or ``latent_scale``-scaled latents of the frozen VAE-GAN), a condition
+One training step: data ``x0`` (pixels, or scaled latents of the frozen VAE-GAN / diffusers VAE), a condition
 (frozen text-encoder states, a class label, a low-res copy of the image), classifier-free dropping of the
 condition to the null condition with probability ``p_uncond``, then the objective's regression loss
 (``eps``/``v``/``x0`` under a VP schedule, or rectified-flow velocity). Sampling lives in :meth:`generate`, which
@@ -152,7 +152,7 @@ class Denoiser(LightningModule):
             return images
         vae = self._vae.on(self.device)
         posterior = vae.encode(images)
-        return (posterior.sample() if sample else posterior.mode()) * vae.latent_scale
+        return vae.scale_latents(posterior.sample() if sample else posterior.mode())
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
@@ -160,12 +160,12 @@ class Denoiser(LightningModule):
         if self._vae is None:
             return x.clamp(-1, 1)
         vae = self._vae.on(self.device)
-        return vae.decode(x / vae.latent_scale).clamp(-1, 1)
+        return vae.decode(vae.unscale_latents(x)).clamp(-1, 1)
 
     def batch_x0(self, batch: dict[str, Any], sample: bool = True) -> Tensor:
         """The clean data of a batch; a pre-encoded ``latent`` entry (unscaled VAE latents) skips the encoder."""
         if self._vae is not None and "latent" in batch:
-            return batch["latent"] * self._vae.on(self.device).latent_scale
+            return self._vae.on(self.device).scale_latents(batch["latent"])
         if "image" not in batch:
             raise UserError("the batches carry no `image` (nor `latent` for a latent model): check data.train_urls")
         return self.encode_images(batch["image"], sample)
@@ -219,18 +219,18 @@ class Denoiser(LightningModule):
         return self.make_condition(batch.get("caption"), batch.get("label"), lowres, batch.get("tokens"), stored)
 
     def setup(self, stage: str) -> None:
-        """Before fitting on pre-encoded shards, check they come from this model's frozen VAE-GAN / text encoder."""
+        """Before fitting on pre-encoded shards, check they come from this model's frozen autoencoder / text tower."""
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if stage != "fit" or not hasattr(data, "shard_urls"):
             return
-        from data_pipelines.shard_writer import sha256_file
+        from lightning_diffusion.autoencoder.frozen_autoencoder import autoencoder_sha256
 
         hp = self.hparams
         check_pre_encoded(data.shard_urls("train") + data.shard_urls("val"), data.tensor_keys,
                           latent_shape=self.sample_shape if self._vae is not None else None,
                           vae_checkpoint=hp.vae_checkpoint if self._vae is not None else None,
                           clip_checkpoint=hp.clip_checkpoint,
-                          text_encoder=hp.text_encoder if "text" in self.kinds else None, sha256=sha256_file)
+                          text_encoder=hp.text_encoder if "text" in self.kinds else None, sha256=autoencoder_sha256)
 
     # ---------------------------------------------------------------- training
     def drop_mask(self, batch_size: int, batch_idx: int) -> Tensor:

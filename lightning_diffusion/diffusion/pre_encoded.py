@@ -1,10 +1,11 @@
 """Pre-encoded inputs of the denoiser (`encode-latents` shards): the check that they came from this model's frozen
 encoders, and the text condition read from them instead of running the text tower.
 
-`encode-latents` records in its `manifest.json`, per split, the sha256 of the VAE-GAN checkpoint (and of the CLIP
-checkpoint whose text tower wrote `text_emb.npy`/`text_pooled.npy`) and the latent shape. Latents of another VAE
-would train the denoiser in a space its decoder does not read, silently; so before the first step every shard
-folder's record is compared with the files the denoiser's `model.vae_checkpoint`/`model.clip_checkpoint` name.
+`encode-latents` records in its `manifest.json`, per split, the sha256 of the VAE-GAN checkpoint, or of a diffusers
+AutoencoderKL folder's config.json + weights (`autoencoder_sha256`), and of the CLIP checkpoint whose text tower
+wrote `text_emb.npy`/`text_pooled.npy`, and the latent shape. Latents of another VAE would train the denoiser in a
+space its decoder does not read, silently; so before the first step every shard folder's record is compared with
+the files the denoiser's `model.vae_checkpoint`/`model.clip_checkpoint` name.
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ def check_pre_encoded(urls: Sequence[str], tensor_keys: Sequence[str], *, latent
         fix = f"re-run python -m lightning_diffusion encode-latents into {folder}"
         if uses_latents:
             if vae_checkpoint and record.get("vae_sha256") != digest(vae_checkpoint):
-                raise UserError(f"the latents in {folder} were encoded with another VAE-GAN "
+                raise UserError(f"the latents in {folder} were encoded with another autoencoder "
                                 f"({record.get('vae_checkpoint')}) than model.vae_checkpoint {vae_checkpoint}: "
-                                f"{fix} --vae {vae_checkpoint}, or point model.vae_checkpoint at that VAE-GAN")
+                                f"{fix} --vae {vae_checkpoint}, or point model.vae_checkpoint at that autoencoder")
             if record.get("latent_shape") not in (None, list(latent_shape)):
                 raise UserError(f"the latents in {folder} are {record['latent_shape']}, this denoiser's are "
                                 f"{list(latent_shape)}: set model.image_size to the encoded image size "

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from data_pipelines.epoch_plan import derive_seed
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.training.checkpoints import WeightsOnlyCheckpointIO
 
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -62,8 +63,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:  # noqa: ANN401 - an
         os.close(folder)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, but local files are replaced atomically (see `atomic_save`)."""
+class AtomicCheckpointIO(WeightsOnlyCheckpointIO):
+    """Lightning's torch checkpoint IO, but local files are replaced atomically (see `atomic_save`) and every
+    load is weights-only (`WeightsOnlyCheckpointIO`: resume, `--ckpt_path`, SLURM's `hpc_ckpt_*`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,  # noqa: ANN401 - str or PathLike
                         storage_options: Any = None) -> None:  # noqa: ANN401
@@ -73,14 +75,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
-def install_atomic_io(trainer: L.Trainer) -> None:
-    """Make the strategy write atomically, unless it was given another checkpoint IO (that one is left alone)."""
+def install_atomic_io(trainer: L.Trainer, allow_url: bool | None = None) -> None:
+    """Make the strategy write atomically and load weights-only, unless it was given another checkpoint IO (that
+    one is left alone; the CLI refuses one that does not load weights-only). `allow_url` (when given) lets
+    `--ckpt_path` be a URL."""
     strategy = trainer.strategy
     current = getattr(strategy, "checkpoint_io", None)
-    if isinstance(current, AtomicCheckpointIO):
-        return
     if type(current) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()
+        current = strategy.checkpoint_io = AtomicCheckpointIO()
+    if isinstance(current, WeightsOnlyCheckpointIO):
+        if allow_url is not None:
+            current.allow_url = allow_url
+    if isinstance(current, AtomicCheckpointIO):
         return
     rank_zero_warn(f"checkpoints are written by {type(current).__name__}, not atomically: a crash mid-write can "
                    "leave a truncated file (use lightning_diffusion.training.resume.AtomicCheckpointIO for exact resume)")

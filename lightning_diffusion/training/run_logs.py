@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from lightning_diffusion.errors import UserError
+
 _FILE_HEADER = struct.Struct("<4sHB")  # b":W&B", magic 0xBEE1, version
 _RECORD_HEADER = struct.Struct("<IHB")  # crc32(type + payload), payload length, type
 _BLOCK = 32768
@@ -146,7 +148,11 @@ def read_csv_run(metrics_csv: Path) -> RunLog:
     for candidate in (folder.parent.parent / "config.yaml", folder.parent / "config.yaml",
                       folder / "config.yaml", folder / "hparams.yaml"):
         if candidate.is_file():
-            loaded = yaml.safe_load(candidate.read_text()) or {}
+            try:
+                loaded = yaml.safe_load(candidate.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                raise UserError(f"'{candidate}' is not plain YAML ({str(err).strip().splitlines()[0]}): fix or "
+                                "remove it, or leave that run out") from err
             if isinstance(loaded, dict):
                 run.config.update(flatten(loaded))
     with metrics_csv.open(newline="") as handle:

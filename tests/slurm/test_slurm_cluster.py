@@ -1,4 +1,4 @@
-"""The sbatch templates and the sweep command on a real (local) SLURM cluster of two nodes on this host.
+"""The sbatch templates on a real (local) SLURM cluster of two nodes on this host (the sweep: test_sweep_cluster.py).
 
 A tiny model (tests/slurm/tiny_model.py, config tests/slurm/tiny.yaml) trains with DDP over 2 CPU processes
 (gloo), launched exactly as on a GPU cluster: `sbatch slurm/*.sbatch`, `srun`, Lightning's SLURMEnvironment.
@@ -6,10 +6,7 @@ A tiny model (tests/slurm/tiny_model.py, config tests/slurm/tiny.yaml) trains wi
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from slurm_cluster import REPO, Cluster
+from slurm_cluster import Cluster
 
 pytestmark = pytest.mark.slurm
 
@@ -80,7 +77,7 @@ def test_fit_sbatch_trains_with_ddp_and_checkpoints(uninterrupted: FitJob) -> No
     assert {r["world"] for r in ranks} == {"2"} and {r["node"] for r in ranks} == {"0"}
     (start,) = marker_values(job.log, "start ")
     assert start["step"] == "0" and start["run_id"] == job.run_dir.name
-    assert global_step(next(job.run_dir.rglob("last.ckpt"))) == MAX_STEPS
+    assert global_step(job.run_dir / "checkpoints" / "last.ckpt") == MAX_STEPS
     saved = yaml.safe_load((job.run_dir / "config.yaml").read_text())["trainer"]
     assert (str(saved["devices"]), saved["num_nodes"]) == ("2", 1)  # devices: int | str | list, "2" = 2 devices
     assert Path(saved["default_root_dir"]) == job.run_dir
@@ -106,52 +103,8 @@ def test_usr1_checkpoints_requeues_and_resumes_same_run(slurm_cluster: Cluster, 
     wandb_runs = sorted((job.run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(r.name.endswith(f"-{job.run_dir.name}") for r in wandb_runs)
 
-    final = global_step(next(job.run_dir.rglob("last.ckpt")))
-    assert final == global_step(next(uninterrupted.run_dir.rglob("last.ckpt"))) == MAX_STEPS
-
-
-def test_sweep_submits_job_array_in_one_group(slurm_cluster: Cluster, tmp_path: Path) -> None:
-    sweep_file = tmp_path / "lr-channels.yaml"
-    sweep_file.write_text(yaml.safe_dump({
-        "name": "lr-channels", "config": "tests/slurm/tiny.yaml", "method": "grid", "max_parallel": 2,
-        "parameters": {"model.init_args.lr": [1.0e-3, 3.0e-4], "model.init_args.channels": [8, 16],
-                       "trainer.max_steps": [40], "trainer.strategy": ["auto"]},
-        "sbatch": ["--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"],
-    }))
-    env = slurm_cluster.job_env()
-    result = subprocess.run([sys.executable, "-m", "lightning_diffusion", "sweep", str(sweep_file), "--submit",
-                             "--out", str(tmp_path / "sweeps")], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    array_id = result.stdout.strip().splitlines()[-1]
-    (sweep_dir,) = (tmp_path / "sweeps").iterdir()
-    records = slurm_cluster.wait(array_id, timeout=240)
-    logs = {i: (sweep_dir / f"slurm-{array_id}_{i}.out").read_text() for i in range(4)}
-    assert sorted(r["ArrayTaskId"] for r in records) == ["0", "1", "2", "3"]
-    assert all(r["JobState"] == "COMPLETED" for r in records), records
-    assert {r["ArrayTaskThrottle"] for r in records} == {"2"}
-
-    tasks = [json.loads(line)["overrides"] for line in (sweep_dir / "tasks.jsonl").read_text().splitlines()]
-    assert sorted((t["model.init_args.lr"], t["model.init_args.channels"]) for t in tasks) == [
-        (3.0e-4, 8), (3.0e-4, 16), (1.0e-3, 8), (1.0e-3, 16)]
-    spans = []
-    for i, task in enumerate(tasks):
-        (start,) = marker_values(logs[i], "start ")
-        run_id = f"{CLUSTER}-{array_id}_{i}"
-        assert start["run_id"] == run_id and start["group"] == sweep_dir.name, logs[i][-2000:]
-        assert (float(start["lr"]), int(start["channels"])) == (task["model.init_args.lr"], task["model.init_args.channels"])
-        run_dir = sweep_dir / "runs" / run_id
-        assert global_step(next(run_dir.rglob("last.ckpt"))) == 40
-        (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
-        assert sweep_dir.name.encode() in next(wandb_run.glob("run-*.wandb")).read_bytes()
-        spans.append(_span(logs[i]))
-    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2, spans
-
-
-def _span(log: str) -> tuple[float, float]:
-    """Wall-clock (first, last) marker time of one task."""
-    times = [float(line.split()[1][2:]) for line in log.splitlines() if line.startswith("[marker] t=")]
-    return min(times), max(times)
+    final = global_step(job.run_dir / "checkpoints" / "last.ckpt")
+    assert final == global_step(uninterrupted.run_dir / "checkpoints" / "last.ckpt") == MAX_STEPS
 
 
 def test_multinode_sbatch_spans_two_nodes(slurm_cluster: Cluster, tmp_path: Path) -> None:
@@ -168,7 +121,7 @@ def test_multinode_sbatch_spans_two_nodes(slurm_cluster: Cluster, tmp_path: Path
     ranks = sorted((r["rank"], r["node"], r["local_rank"], r["world"]) for r in marker_values(log, "rank="))
     assert ranks == [("0", "0", "0", "2"), ("1", "1", "0", "2")]
     run_dir = tmp_path / "runs" / f"{CLUSTER}-{job_id}"
-    assert global_step(next(run_dir.rglob("last.ckpt"))) == 40
+    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 40
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["num_nodes"] == 2
 
 
@@ -208,6 +161,6 @@ def test_fit_sbatch_trains_the_clip_stage(slurm_cluster: Cluster, tmp_path: Path
     assert record["JobState"] == "COMPLETED", log[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     run_dir = tmp_path / "runs" / f"{CLUSTER}-{job_id}"
-    assert global_step(next(run_dir.rglob("last.ckpt"))) == 8
+    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 8
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["class_path"] == "lightning_diffusion.clip.CLIPModule"

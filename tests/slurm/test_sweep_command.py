@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -75,24 +76,83 @@ def test_unknown_format_is_a_one_line_error(tmp_path: Path, capsys: pytest.Captu
     assert err.startswith("error: ") and "unknown format '.toml'" in err and err.count("\n") == 1
 
 
-def test_dry_run_writes_tasks_and_prints_table_and_sbatch(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     spec = {"name": "lr", "config": "tests/slurm/tiny.yaml", "max_parallel": 2, "sbatch": ["--time=10"],
             "parameters": {"model.init_args.lr": [1.0e-3, 3.0e-4], "model.init_args.channels": [8, 16]}}
+    sweep_file = write(tmp_path, spec)
     out = tmp_path / "sweeps"
-    assert main(["sweep", str(write(tmp_path, spec)), "--dry-run", "--out", str(out)]) == 0
+    assert main(["sweep", str(sweep_file), "--dry-run", "--out", str(out), "--override", "trainer.max_steps=5"]) == 0
     printed = capsys.readouterr().out
-    (sweep_dir,) = out.iterdir()
-    assert sweep_dir.name.startswith("lr-") and f"W&B group: {sweep_dir.name}" in printed
-    lines = [json.loads(line) for line in (sweep_dir / "tasks.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in lines] == [0, 1, 2, 3]
-    assert lines[3]["overrides"] == {"model.init_args.lr": 3.0e-4, "model.init_args.channels": 16}
-    assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) == spec
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+    assert "W&B group: lr-<time>" in printed
     table = printed.splitlines()[1:6]
     assert table[0].split() == ["task", "model.init_args.lr", "model.init_args.channels"]
     assert table[4].split() == ["3", "0.0003", "16"]
+    assert "every task also: trainer.max_steps=5" in printed
     command = printed.strip().splitlines()[-1]
     assert command.startswith("CONFIG=tests/slurm/tiny.yaml sbatch --parsable --array=0-3%2 --job-name=lr ")
-    assert command.endswith(f"--time=10 slurm/sweep.sbatch {sweep_dir}")
-    assert not (sweep_dir / "submitted.json").exists()
+    assert command.endswith(f"--time=10 slurm/sweep.sbatch '{out}/lr-<time>'")
+
+
+def test_submit_writes_the_sweep_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--submit` with a stand-in `sbatch` on PATH that records its arguments and environment."""
+    monkeypatch.chdir(REPO)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$CONFIG $*" > {tmp_path}/sbatch-args\necho 4242\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    spec = {"name": "lr", "config": "tests/slurm/tiny.yaml", "parameters": {"model.init_args.lr": [1.0e-3, 3.0e-4],
+                                                                          "trainer.max_steps": [100]}}
+    out = tmp_path / "sweeps"
+    assert main(["sweep", str(write(tmp_path, spec)), "--submit", "--out", str(out),
+                 "--override", "trainer.max_steps=5"]) == 0
+    printed = capsys.readouterr().out
+    (sweep_dir,) = out.iterdir()
+    assert sweep_dir.name.startswith("lr-") and printed.strip().splitlines()[-1] == "4242"
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["submitted.json", "sweep.yaml", "tasks.jsonl"]
+    lines = [json.loads(line) for line in (sweep_dir / "tasks.jsonl").read_text().splitlines()]
+    assert lines == [{"index": 0, "overrides": {"model.init_args.lr": 1.0e-3, "trainer.max_steps": 5}},
+                     {"index": 1, "overrides": {"model.init_args.lr": 3.0e-4, "trainer.max_steps": 5}}]
+    assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) == spec
+    assert json.loads((sweep_dir / "submitted.json").read_text())["job_id"] == "4242"
+    assert (tmp_path / "sbatch-args").read_text().split() == [
+        "tests/slurm/tiny.yaml", "--parsable", "--array=0-1%2", "--job-name=lr",
+        f"--output={sweep_dir}/slurm-%A_%a.out", "slurm/sweep.sbatch", str(sweep_dir)]
+
+
+@pytest.mark.parametrize(("parameters", "override", "named"), [
+    ({"model.init_args.lrr": [1.0]}, [], "parameter 'model.init_args.lrr' of sweep file"),
+    ({"model.init_args.lr": [1.0]}, ["--override", "trainer.max_stepz=3"], "--override key 'trainer.max_stepz'"),
+])
+def test_unknown_keys_are_one_line_errors_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    parameters: dict, override: list[str], named: str,
+) -> None:
+    monkeypatch.chdir(REPO)
+    path = write(tmp_path, {"config": "tests/slurm/tiny.yaml", "parameters": parameters})
+    for mode in ("--dry-run", "--submit"):
+        assert main(["sweep", str(path), mode, "--out", str(tmp_path / "sweeps"), *override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {named}") and "tests/slurm/tiny.yaml" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_keys_are_those_lightningcli_resolves_defaults_and_short_forms_included(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_diffusion.commands.sweep import config_keys
+
+    monkeypatch.chdir(REPO)
+    keys = config_keys(("tests/slurm/tiny.yaml",))
+    assert {"model.init_args.lr", "model.lr", "trainer.max_steps", "trainer.gradient_clip_val", "data.init_args.seed",
+            "seed_everything"} <= keys  # gradient_clip_val and seed: defaults the file does not set
+    assert "model.init_args.lrr" not in keys and "trainer.callbacks" in keys
+
+
+def test_a_sweep_without_a_base_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(["sweep", str(write(tmp_path, {"parameters": {"model.init_args.lr": [1.0]}})), "--dry-run"]) == 2
+    assert "names no `config:`" in capsys.readouterr().err
