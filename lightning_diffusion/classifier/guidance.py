@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 
 from lightning_diffusion.classifier.module import NoisyClassifier
+from lightning_diffusion.diffusion.denoisers import NetworkFn
 from lightning_diffusion.diffusion.guidance import classifier_guidance
 from lightning_diffusion.diffusion.module import Denoiser
-from lightning_diffusion.diffusion.samplers import ModelFn
 from lightning_diffusion.errors import UserError
 
 
@@ -38,7 +38,7 @@ def check_pair(denoiser: Denoiser, classifier: NoisyClassifier) -> None:
 
 
 def guidance_wrapper(denoiser: Denoiser, classifier: NoisyClassifier, labels: list[int] | torch.Tensor,
-                     scale: float) -> Callable[[ModelFn], ModelFn]:
+                     scale: float) -> Callable[[NetworkFn], NetworkFn]:
     """``model_fn -> guided model_fn`` steering each sample towards its label, for ``generate(model_wrapper=...)``."""
     check_pair(denoiser, classifier)
     if scale < 0:

@@ -23,11 +23,12 @@ from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
 from lightning_diffusion.diffusion.arguments import check_sampling
 from lightning_diffusion.diffusion.module import Denoiser
+from lightning_diffusion.diffusion.sampling import add_sampling_arguments, check_overrides, sampling_overrides
 from lightning_diffusion.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="denoiser checkpoint (Lightning .ckpt)")
+    parser.add_argument("--ckpt", required=True, help="denoiser checkpoint (Lightning .ckpt) or export folder")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text prompt; repeat for several rows (text-conditioned models)")
     parser.add_argument("--label", type=int, action="append", default=None,
@@ -40,9 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="noisy-image classifier checkpoint (configs/classifier/) steering samples to --label")
     parser.add_argument("--classifier-scale", type=float, default=1.0,
                         help="classifier guidance scale s: eps - s sqrt(1 - abar_t) grad log p(label | x_t) (default 1)")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None,
-                        help="default: the model's validation sampler")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--n", type=int, default=16, help="samples per row")
     parser.add_argument("--out", default="samples/grid.png", help="grid PNG; single images go to a folder beside it")
@@ -50,13 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-checkpoint", default=None,
                         help="override the VAE path stored in the checkpoint (VAE-GAN .ckpt or AutoencoderKL folder)")
     parser.add_argument("--clip-checkpoint", default=None, help="override the CLIP path stored in the checkpoint")
+    parser.add_argument("--text-encoder-path", default=None,
+                        help="override the pretrained text encoder's file/folder stored in the checkpoint")
 
 
 def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
-    """A Denoiser from a Lightning checkpoint (weights_only), in eval mode on the CPU."""
-    checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
-    check_checkpoint_class(checkpoint, "denoiser", path=path, key="--ckpt")
-    hparams = checkpoint.get("hyper_parameters") or {}
+    """A Denoiser from a Lightning checkpoint (weights_only) or an `export --format folder` folder, in eval mode
+    on the CPU."""
+    if Path(path).is_dir():
+        from lightning_diffusion.diffusion.export import read_export
+
+        hparams, state_dict = read_export(path)
+        checkpoint = {"state_dict": state_dict}
+    else:
+        checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
+        check_checkpoint_class(checkpoint, "denoiser", path=path, key="--ckpt")
+        hparams = checkpoint.get("hyper_parameters") or {}
     if "objective" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' (--ckpt) is not a denoiser checkpoint: pass one written by "
                         f"`python -m lightning_diffusion fit --config configs/denoiser/...`")
@@ -116,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be >= 1; got {args.n}")
     if args.steps is not None and args.steps < 1:  # before the (slow) model load
         raise UserError(f"--steps must be >= 1; got {args.steps}")
-    model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint)
+    model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint,
+                          text_encoder_path=args.text_encoder_path)
     for guidance in args.guidance or [None]:
         check_sampling(model.hparams, sampler=args.sampler, guidance=guidance, prefix="--")
+    options = sampling_overrides(args)
+    check_overrides(model.hparams, options)
     rows = _rows(args, model)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -138,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
             [row["prompt"]] * args.n if "prompt" in row else None,
             [row["label"]] * args.n if "label" in row and "class" in model.kinds else None,
             lowres.expand(args.n, -1, -1, -1) if lowres is not None else None,
-            num_samples=args.n, guidance=row["guidance"], sampler=args.sampler, steps=args.steps, seed=args.seed,
-            progress=True, model_wrapper=guide,
+            num_samples=args.n, guidance=row["guidance"], seed=args.seed, progress=True, model_wrapper=guide,
+            **options,
         )
         for k, image in enumerate(to_uint8(samples)):
             save_png(image, singles / f"row{index:02d}_{k:03d}.png")
@@ -150,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     save_png(image_grid(torch.cat(images), columns), out)
     sampler = args.sampler or model.hparams.val_sampler
     steps = args.steps or model.hparams.val_steps
-    header = f"{args.ckpt} sampler={sampler} steps={steps} seed={args.seed} n={args.n}"
+    extra = "".join(f" {key}={value}" for key, value in options.items() if key not in ("sampler", "steps"))
+    header = f"{args.ckpt} sampler={sampler} steps={steps}{extra} seed={args.seed} n={args.n}"
     if classifier is not None:
         header += f" classifier={args.classifier} classifier_scale={args.classifier_scale:g}"
     out.with_suffix(".txt").write_text("\n".join([header, *captions]) + "\n")

@@ -6,25 +6,23 @@ Noise is variance exploding: ``x = x_0 + sigma n``. The network ``F`` never sees
 ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``, ``c_in = 1 / sqrt(sigma^2 + sd^2)``, ``c_noise = ln(sigma) / 4``
 (``sd`` = ``sigma_data``, the data's standard deviation, 0.5 for images in [-1, 1]). Training draws
 ``ln(sigma) ~ N(P_mean, P_std^2)`` and weights the x0 error by ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2``,
-which makes the effective target of ``F`` unit-variance at every sigma. ``D`` is an "x0 given sigma" prediction;
-sampling integrates ``dx/dsigma = (x - D(x, sigma)) / sigma`` over the rho-spaced Karras grid (Algorithm 1).
+which makes the effective target of ``F`` unit-variance at every sigma. ``D`` is an "x0 given sigma" prediction
+(``SamplingDenoiser``'s ``edm`` type): every sigma-space sampler of ``sampling.py`` integrates it, on the Karras grid
+from sigma 80 down to 0.002.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from lightning_diffusion.diffusion.samplers import karras_sigmas
 from lightning_diffusion.diffusion.schedules import broadcast_like
 from lightning_diffusion.errors import UserError
 
 Network = Callable[..., Tensor]
-DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -76,51 +74,3 @@ def log_normal_quantiles(count: int, p_mean: float = -1.2, p_std: float = 1.2) -
 def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
     """``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2``, the weight of the x0 squared error, float32 [B]."""
     return ((sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2).float()
-
-
-def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """The Karras grid of ``steps`` levels from ``sigma_max`` down to ``sigma_min``, then 0 (float64)."""
-    if steps < 1:
-        raise UserError(f"sampling steps must be >= 1; got {steps}")
-    if not 0 < sigma_min < sigma_max:
-        raise UserError(f"EDM sampling needs 0 < sigma_min < sigma_max; got {sigma_min} and {sigma_max}")
-    sigmas = karras_sigmas(sigma_min, sigma_max, steps, rho) if steps > 1 else torch.tensor([sigma_max], dtype=torch.float64)
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-@torch.no_grad()
-def edm_sample(
-    denoise: DenoiseFn,
-    shape: Sequence[int],
-    sigmas: Tensor,
-    method: Literal["euler", "heun"] = "heun",
-    generator: torch.Generator | None = None,
-    x_T: Tensor | None = None,
-    progress: bool = False,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Euler or Heun integration of EDM's probability-flow ODE (Algorithm 1) over the decreasing ``sigmas`` (ending
-    in 0), starting from ``x_T`` or ``sigmas[0] * N(0, I)``; the step to sigma = 0 is an Euler step.
-    ``denoise(x, sigma)`` returns the x0 estimate, ``sigma`` a float32 tensor [B]."""
-    if method not in ("euler", "heun"):
-        raise UserError(f"unknown ODE method {method!r}; use 'euler' or 'heun'")
-    if x_T is None:
-        if device is None:
-            device = generator.device if generator is not None else "cpu"
-        x_T = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype) * float(sigmas[0])
-    x = x_T.to(dtype)
-
-    def slope(x: Tensor, sigma: float) -> Tensor:
-        level = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32)
-        return (x - denoise(x, level).to(x.dtype)) / sigma
-
-    for i in tqdm(range(len(sigmas) - 1), desc=f"EDM ({method})", disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = slope(x, sigma)
-        x_next = x + (sigma_next - sigma) * d
-        if method == "heun" and sigma_next > 0:
-            x_next = x + (sigma_next - sigma) * (d + slope(x_next, sigma_next)) / 2
-        x = x_next
-    return x
-

@@ -12,7 +12,6 @@ use the averaged weights; the raw ones are kept under ``current_model_state``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,29 +21,26 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
 
-from lightning_diffusion.diffusion.arguments import check_arguments, check_sampling
+from lightning_diffusion.diffusion.arguments import check_arguments
 from lightning_diffusion.diffusion.conditioning import (
     Condition, Conditioning, NullCondition, condition_kinds, downsample_for_lowres, is_guidable, uncond_drop_mask,
 )
-from lightning_diffusion.diffusion.edm import edm_sample, edm_sigmas
 from lightning_diffusion.diffusion.frozen import Frozen, load_text_encoder, load_vae
 from lightning_diffusion.diffusion.grids import image_grid, log_grid, save_png
-from lightning_diffusion.diffusion.guidance import classifier_free_guidance
-from lightning_diffusion.diffusion.samplers import (
-    ModelFn, ddim_sample, ddpm_sample, flow_euler_sample, flow_heun_sample, probability_flow_sample,
-)
-from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, stored_text_states
+from lightning_diffusion.diffusion.sampling import SamplerName, check_options
+from lightning_diffusion.diffusion.sampling import generate as generate_samples
+from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, check_stored_tokens, stored_text_states
 from lightning_diffusion.diffusion.training_objective import LossWeighting, NoiseSampling, Objective, TrainingObjective
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.text_encoders import TextEncoderName, TextEncoderSpec, TextLayer, text_dims
 from lightning_diffusion.training.compile import maybe_compile
 from lightning_diffusion.training.nonfinite import (
     NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
 )
 from lightning_diffusion.training.optim import decay_groups
 
-SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
 DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of fox", "a flat vector emoji of fox")  # val-split concepts
 DEFAULT_TRAIN_PROMPTS = ("a 3D rendered emoji of red apple", "a flat vector emoji of red apple")
 
@@ -59,6 +55,7 @@ class Denoiser(LightningModule):
         objective: Objective = "eps",
         schedule: ScheduleName = "cosine",
         num_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
         min_snr_gamma: float | None = None,
         noise_sampling: NoiseSampling | None = None,
         loss_weighting: LossWeighting | None = None,
@@ -68,8 +65,11 @@ class Denoiser(LightningModule):
         space: Literal["pixel", "latent"] = "pixel",
         vae_checkpoint: str | None = None,
         conditioning: Conditioning = "text",
-        text_encoder: Literal["clip", "minilm"] = "minilm",
+        text_encoder: TextEncoderName = "minilm",
         clip_checkpoint: str | None = None,
+        text_encoder_path: str | None = None,
+        text_encoder_arch: str | None = None,
+        text_layer: TextLayer = "last",
         num_classes: int | None = None,
         lowres_size: int | None = None,
         p_uncond: float = 0.1,
@@ -90,6 +90,7 @@ class Denoiser(LightningModule):
         val_sampler: SamplerName = "ddim",
         val_steps: int = 50,
         val_guidance: float | None = None,
+        sampling: dict[str, Any] | None = None,
         heldout_prompts: tuple[str, ...] = DEFAULT_HELDOUT_PROMPTS,
         train_prompts: tuple[str, ...] = DEFAULT_TRAIN_PROMPTS,
         val_labels: tuple[int, ...] = (0, 1, 2, 3),
@@ -106,19 +107,21 @@ class Denoiser(LightningModule):
         self.guidable = is_guidable(conditioning)
         self.val_guidance = (3.0 if self.guidable else 1.0) if val_guidance is None else val_guidance
         check_arguments(self.hparams, self.kinds, self.val_guidance)
+        check_options(objective, val_sampler, sampling or {}, "model.sampling.")
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "denoiser",
                                         "lower model.lr, or use trainer.precision 32-true / bf16-mixed, not 16-mixed")
-        self.schedule = make_schedule(schedule, num_timesteps)
+        if zero_terminal_snr and objective not in ("v", "x0"):
+            raise UserError(f"model.zero_terminal_snr needs model.objective v (or x0): at zero SNR the input is pure "
+                            f"noise, so {objective!r} has nothing to predict")
+        self.schedule = make_schedule(schedule, num_timesteps, zero_terminal_snr)
         self.objective = TrainingObjective(objective, self.schedule, noise_sampling, loss_weighting, min_snr_gamma,
                                            noise_mean, noise_std, sigma_data)
 
         self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
-        self._text_encoder = Frozen(load_text_encoder(text_encoder, clip_checkpoint)) if "text" in self.kinds else None
-        text_width = pooled_dim = None
+        self._text_encoder = Frozen(load_text_encoder(self.hparams)) if "text" in self.kinds else None
+        text_width, pooled_dim = text_dims(self._text_encoder)
         if self._text_encoder is not None:
             self.tokenizer = self._text_encoder.module.tokenizer  # the DataModule's tokenizer hook
-            probe_states, probe_pooled = self._text_encoder.module(self.tokenizer([""]))
-            text_width, pooled_dim = probe_states.shape[-1], probe_pooled.shape[-1]
         self.sample_shape = self._diffusion_input_shape()
         if self.sample_shape[-1] % 2 ** (len(channel_mult) - 1):
             raise UserError(f"the diffusion input is {self.sample_shape[-1]} px, not divisible by 2^"
@@ -183,9 +186,7 @@ class Denoiser(LightningModule):
         encoder = self._text_encoder.on(self.device)
         tokens = tokens.to(self.device)
         states, pooled = encoder(tokens) if stored is None else stored
-        if stored is not None and states.shape[:2] != tokens.shape:
-            raise UserError(f"stored text embeddings hold {states.shape[1]} tokens, the tokenizer gives "
-                            f"{tokens.shape[1]}: re-run encode-latents --text-encoder with model.clip_checkpoint")
+        check_stored_tokens(stored, tokens)
         mask = encoder.token_mask(tokens).clone()
         mask[:, 0] = True  # an empty caption still attends to its first (start) token
         return {"context": states, "context_mask": mask, "pooled": pooled}
@@ -235,8 +236,8 @@ class Denoiser(LightningModule):
         check_pre_encoded(data.shard_urls("train") + data.shard_urls("val"), data.tensor_keys,
                           latent_shape=self.sample_shape if self._vae is not None else None,
                           vae_checkpoint=hp.vae_checkpoint if self._vae is not None else None,
-                          clip_checkpoint=hp.clip_checkpoint,
-                          text_encoder=hp.text_encoder if "text" in self.kinds else None, sha256=autoencoder_sha256)
+                          text_encoder=TextEncoderSpec.from_hparams(hp) if "text" in self.kinds else None,
+                          sha256=autoencoder_sha256)
 
     # ---------------------------------------------------------------- training
     def drop_mask(self, batch_size: int, batch_idx: int) -> Tensor:
@@ -350,42 +351,14 @@ class Denoiser(LightningModule):
         sampler: str | None = None,
         steps: int | None = None,
         seed: int = 0,
+        first_index: int = 0,
         progress: bool = False,
-        model_wrapper: Callable[[ModelFn], ModelFn] | None = None,
+        **options: Any,
     ) -> Tensor:
         """Images in [-1, 1], one per caption / label / low-res image (``num_samples`` for an unconditional
-        model), with the validation defaults unless overridden. The same seed gives the same images.
-        ``model_wrapper`` wraps the (guided) model callable, e.g. classifier guidance (``classifier/guidance.py``)."""
-        hp = self.hparams
-        guidance = self.val_guidance if guidance is None else guidance
-        sampler, steps = sampler or hp.val_sampler, hp.val_steps if steps is None else steps
-        check_sampling(hp, sampler=sampler, guidance=guidance, steps=steps)
-        condition = self.make_condition(captions, labels, lowres)
-        sizes = [len(v) for v in (captions, labels, lowres) if v is not None]
-        n = sizes[0] if sizes else num_samples
-        if not n:
-            raise UserError("nothing to sample: give captions, labels, low-res images or num_samples")
-        if self.guidable:
-            model_fn = classifier_free_guidance(self.forward, condition, self.null.null_like(condition), guidance)
-        else:
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return self(x, t, condition)
-        if model_wrapper is not None:
-            model_fn = model_wrapper(model_fn)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        common = {"generator": generator, "progress": progress, "device": self.device}
-        shape = (n, *self.sample_shape)
-        clip = 1.0 if self._vae is None else None
-        if hp.objective == "edm":
-            x = edm_sample(model_fn, shape, edm_sigmas(steps), method=sampler, **common)
-        elif hp.objective == "flow":
-            flow = flow_euler_sample if sampler == "euler" else flow_heun_sample
-            x = flow(model_fn, shape, steps, **common)
-        elif sampler == "ddim":
-            x = ddim_sample(model_fn, shape, self.schedule, hp.objective, steps=steps, clip_x0=clip, **common)
-        elif sampler == "ddpm":
-            x = ddpm_sample(model_fn, shape, self.schedule, hp.objective, steps=steps, clip_x0=clip, **common)
-        else:
-            x = probability_flow_sample(model_fn, shape, self.schedule, hp.objective, steps, method=sampler,
-                                        clip_x0=clip, **common)
-        return self.decode(x)
+        model), with the validation defaults (``val_sampler``, ``val_steps``, ``sampling``) unless overridden by
+        ``sampler``, ``steps`` or the ``sampling`` options (``diffusion/sampling.py``). Sample ``k`` draws from the
+        stream of index ``first_index + k``, so the same seed gives the same images whatever the batch size."""
+        return generate_samples(self, captions, labels, lowres, num_samples, guidance=guidance, seed=seed,
+                                first_index=first_index, progress=progress, sampler=sampler, steps=steps,
+                                **options)
