@@ -215,8 +215,8 @@ def test_generate_gives_the_same_ith_sample_for_any_batch_size_and_rank_split(tm
         whole = model.generate(num_samples=6, seed=3, **options)
         halves = torch.cat([model.generate(num_samples=3, seed=3, first_index=i, **options) for i in (0, 3)])
         pairs = torch.cat([model.generate(num_samples=2, seed=3, first_index=i, **options) for i in (0, 2, 4)])
-        torch.testing.assert_close(halves, whole, rtol=0, atol=1e-5)
-        torch.testing.assert_close(pairs, whole, rtol=0, atol=1e-5)
+        # exactly equal on the CPU (one thread); other backends may pick batch-size-dependent kernels
+        assert torch.equal(halves, whole) and torch.equal(pairs, whole), options
         assert (model.generate(num_samples=6, seed=4, **options) - whole).abs().max() > 0.1
 
 
