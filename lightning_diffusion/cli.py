@@ -31,7 +31,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("lightning_diffusion.commands.compare", "compare local runs: final/best metrics, differing hyper-parameters, plots"),
     "sweep": ("lightning_diffusion.commands.sweep", "expand a sweep file into a SLURM job array (--dry-run or --submit)"),
     "encode-latents": ("lightning_diffusion.commands.encode_latents", "encode image shards into latent (and text) shards with frozen encoders"),
-    "export": ("lightning_diffusion.commands.export", "write a checkpoint in another library's format (diffusers AutoencoderKL, ...)"),
+    "export": ("lightning_diffusion.commands.export", "write a checkpoint in another library's format (diffusers AutoencoderKL, open_clip, a denoiser folder)"),
     "pipeline": ("lightning_diffusion.commands.pipeline", "run the three-stage quickstart: VAE-GAN, CLIP, latents, denoiser, report"),
 }
 

@@ -54,7 +54,7 @@ def use_toy_text_encoder(monkeypatch: Any) -> None:
     """Make text-conditioned denoisers load the toy encoder instead of MiniLM / CLIP."""
     import lightning_diffusion.diffusion.module as module
 
-    monkeypatch.setattr(module, "load_text_encoder", lambda name, path: ToyTextEncoder())
+    monkeypatch.setattr(module, "load_text_encoder", lambda hparams: ToyTextEncoder())
 
 
 def fixed_batch(batch_size: int = 8, seed: int = 0) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def toy_text_encoder() -> Iterator[None]:
     import lightning_diffusion.diffusion.module as module
 
     original = module.load_text_encoder
-    module.load_text_encoder = lambda name, path: ToyTextEncoder()
+    module.load_text_encoder = lambda hparams: ToyTextEncoder()
     try:
         yield
     finally:

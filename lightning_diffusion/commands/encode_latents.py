@@ -9,11 +9,12 @@ Each output sample keeps the input's `__key__` and caption and holds:
   training time (`Denoiser.batch_x0`), so the shards stay valid if the scale is re-measured.
 - `txt`: the caption; `json`: the VAE's sha256 (`autoencoder_sha256`), its `latent_scale` and `latent_shift`, the
   posterior choice, the image size, and the input's integer `label` when it had one.
-- `text_emb.npy` and `text_pooled.npy` (with `--text-encoder CLIP_CKPT`): float16 `[L, D]` per-token states and
-  `[P]` pooled embedding of the frozen CLIP text tower (`CLIPTextEncoder`), with the number of real tokens as
-  `text_tokens` in the json. A text denoiser whose `model.clip_checkpoint` is that file reads them instead of
-  running its text tower (`data.tensor_keys: [latent.npy, text_emb.npy, text_pooled.npy]`); the manifest's
-  checkpoint hashes let it check that before training.
+- `text_emb.npy` and `text_pooled.npy` (with `--text-encoder CLIP_CKPT`, or a pretrained encoder chosen by
+  `--text-encoder-kind` open_clip / hf_clip / t5 / minilm, see `lightning_diffusion.text_encoders`): float16
+  `[L, D]` per-token states and `[P]` pooled vector of the frozen text encoder, with the number of real tokens as
+  `text_tokens` in the json. A text denoiser with the same encoder reads them instead of running it
+  (`data.tensor_keys: [latent.npy, text_emb.npy, text_pooled.npy]`); the manifest records the encoder's kind and
+  fingerprint (a file's sha256, a hash of a folder's files) so it can check that before training.
 
 Input is read through `ShardDataModule`'s unshuffled validation stream, one sample per item so nothing is
 dropped for batching; a corrupt input sample is skipped (the stream then repeats an earlier sample, which is
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.text_encoders.spec import KINDS as TEXT_KINDS, TextEncoderSpec
 
 CREATED_BY = "python -m lightning_diffusion encode-latents"
 
@@ -46,8 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", required=True,
                         help="VAE-GAN checkpoint (a vae_gan stage's .ckpt) or diffusers AutoencoderKL folder")
     parser.add_argument("--text-encoder", default=None,
-                        help="CLIP checkpoint: also store its text tower's per-token states and pooled embedding "
-                             "(text_emb.npy, text_pooled.npy)")
+                        help="also store a text encoder's per-token states and pooled vector (text_emb.npy, "
+                             "text_pooled.npy): a CLIP checkpoint, or the file/folder of --text-encoder-kind")
+    parser.add_argument("--text-encoder-kind", default=None, choices=list(TEXT_KINDS),
+                        help="what --text-encoder is (default clip; minilm needs no path), as model.text_encoder")
+    parser.add_argument("--text-encoder-arch", default=None,
+                        help="open_clip architecture of an open_clip weights file (e.g. ViT-L-14)")
+    parser.add_argument("--text-layer", default="last", choices=["last", "penultimate"],
+                        help="hf_clip states: last layer (SD 1.x) or penultimate (SD 2.x); default last")
     parser.add_argument("--in", dest="urls", required=True, nargs="+",
                         help="input image shards (patterns like 'data/emoji/train-*.tar')")
     parser.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
@@ -133,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from data_pipelines.shard_writer import (
-        MANIFEST_NAME, ShardWriter, read_manifest, remove_stale_shards, sha256_file, write_manifest,
+        MANIFEST_NAME, ShardWriter, read_manifest, remove_stale_shards, write_manifest,
     )
     from data_pipelines.urls import resolve_shards
     from lightning_diffusion.autoencoder.frozen_autoencoder import autoencoder_sha256, load_frozen_autoencoder
@@ -153,11 +161,11 @@ def run(args: argparse.Namespace) -> int:
     if image_size < 1 or image_size % factor:
         raise UserError(f"--image-size {image_size} must be a positive multiple of the VAE's downsampling "
                         f"factor {factor}")
-    text_encoder = None
-    if args.text_encoder:
-        from lightning_diffusion.clip import CLIPTextEncoder
-
-        text_encoder = CLIPTextEncoder.from_checkpoint(args.text_encoder).to(device)
+    text_spec = text_encoder = None
+    if args.text_encoder or args.text_encoder_kind:
+        text_spec = TextEncoderSpec(args.text_encoder_kind or "clip", args.text_encoder, args.text_encoder_arch,
+                                    args.text_layer, key="--text-encoder")
+        text_encoder = text_spec.load().to(device)
     vae_sha = autoencoder_sha256(args.vae)
     latent_scale = float(vae.latent_scale)
     meta_common = {"vae_sha256": vae_sha, "latent_scale": latent_scale, "latent_shift": float(vae.latent_shift),
@@ -206,8 +214,10 @@ def run(args: argparse.Namespace) -> int:
     options[args.prefix] = {
         "inputs": urls, "vae_checkpoint": str(args.vae), **meta_common, "latent_shape": latent_shape,
         "seed": args.seed if args.posterior == "sample" else None,
-        "text_encoder_checkpoint": args.text_encoder,
-        "text_encoder_sha256": sha256_file(Path(args.text_encoder)) if args.text_encoder else None,
+        "text_encoder_checkpoint": args.text_encoder, "text_encoder_kind": text_spec.kind if text_spec else None,
+        "text_encoder_sha256": text_spec.fingerprint() if text_spec else None,
+        "text_encoder_arch": text_spec.arch if text_spec else None,
+        "text_layer": text_spec.layer if text_spec else None,
         "skipped_samples": int(sum(data.skipped_samples.values())),
     }
     write_manifest(out, {"dataset": out.name, "created_by": CREATED_BY, "image_size": image_size,

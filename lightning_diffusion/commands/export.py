@@ -1,5 +1,7 @@
 """`python -m lightning_diffusion export --ckpt C --format diffusers --out DIR`: a checkpoint in another library's
-format, so what was trained here loads there (`AutoencoderKL.from_pretrained(DIR)`, ...). Weights are safetensors.
+format, so what was trained here loads there: a VAE-GAN in diffusers (`AutoencoderKL.from_pretrained(DIR)`), a CLIP
+in open_clip (`--format open_clip`: `open_clip.create_model('local-dir:DIR')`), a denoiser as a plain folder
+(`--format folder`: `sample --ckpt DIR`). Weights are safetensors.
 
 The checkpoint's model kind (read from its hyper-parameters, see `KINDS`) and `--format` choose the exporter in
 `EXPORTERS`; each is a `module:function` taking `(ckpt: Path, out: Path)`, writing the folder and returning a
@@ -24,10 +26,13 @@ from lightning_diffusion.errors import UserError
 KINDS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "vae_gan": lambda hparams: "disc_start" in hparams,
     "denoiser": lambda hparams: "objective" in hparams,
+    "clip": lambda hparams: "model_name" in hparams and "loss" in hparams,
 }
 # (model kind, --format) -> "module:function" with function(ckpt: Path, out: Path) -> summary line
 EXPORTERS: dict[tuple[str, str], str] = {
     ("vae_gan", "diffusers"): "lightning_diffusion.autoencoder.diffusers_export:export_vae_gan",
+    ("clip", "open_clip"): "lightning_diffusion.clip.export_open_clip:export_open_clip",
+    ("denoiser", "folder"): "lightning_diffusion.diffusion.export:export_denoiser",
 }
 
 

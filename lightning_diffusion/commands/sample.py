@@ -26,7 +26,7 @@ from lightning_diffusion.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="denoiser checkpoint (Lightning .ckpt)")
+    parser.add_argument("--ckpt", required=True, help="denoiser checkpoint (Lightning .ckpt) or export folder")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text prompt; repeat for several rows (text-conditioned models)")
     parser.add_argument("--label", type=int, action="append", default=None,
@@ -43,13 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-checkpoint", default=None,
                         help="override the VAE path stored in the checkpoint (VAE-GAN .ckpt or AutoencoderKL folder)")
     parser.add_argument("--clip-checkpoint", default=None, help="override the CLIP path stored in the checkpoint")
+    parser.add_argument("--text-encoder-path", default=None,
+                        help="override the pretrained text encoder's file/folder stored in the checkpoint")
 
 
 def load_denoiser(path: str | Path, **overrides: object) -> Denoiser:
-    """A Denoiser from a Lightning checkpoint (weights_only), in eval mode on the CPU."""
-    checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
-    check_checkpoint_class(checkpoint, "denoiser", path=path, key="--ckpt")
-    hparams = checkpoint.get("hyper_parameters") or {}
+    """A Denoiser from a Lightning checkpoint (weights_only) or an `export --format folder` folder, in eval mode
+    on the CPU."""
+    if Path(path).is_dir():
+        from lightning_diffusion.diffusion.export import read_export
+
+        hparams, state_dict = read_export(path)
+        checkpoint = {"state_dict": state_dict}
+    else:
+        checkpoint = load_checkpoint(path, what="denoiser checkpoint", key="--ckpt")
+        check_checkpoint_class(checkpoint, "denoiser", path=path, key="--ckpt")
+        hparams = checkpoint.get("hyper_parameters") or {}
     if "objective" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"'{path}' (--ckpt) is not a denoiser checkpoint: pass one written by "
                         f"`python -m lightning_diffusion fit --config configs/denoiser/...`")
@@ -107,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be >= 1; got {args.n}")
     if args.steps is not None and args.steps < 1:  # before the (slow) model load
         raise UserError(f"--steps must be >= 1; got {args.steps}")
-    model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint)
+    model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint,
+                          text_encoder_path=args.text_encoder_path)
     for guidance in args.guidance or [None]:
         check_sampling(model.hparams, sampler=args.sampler, guidance=guidance, prefix="--")
     options = sampling_overrides(args)

@@ -7,12 +7,15 @@ which the denoiser's hyper-parameters name), and shared, not copied, by the EMA 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.text_encoders.spec import TextEncoderSpec
 
 VAE_FIX = ("train the VAE-GAN first (python -m lightning_diffusion fit --config configs/vae_gan/tiny.yaml) or "
            "point it at a diffusers AutoencoderKL folder")
@@ -55,15 +58,7 @@ def load_vae(path: str | None) -> nn.Module:
     return load_frozen_autoencoder(path, "model.vae_checkpoint")
 
 
-def load_text_encoder(name: str, clip_checkpoint: str | None) -> nn.Module:
-    """The frozen text encoder: the project's CLIP text tower (``model.clip_checkpoint``) or offline MiniLM."""
-    if name == "clip":
-        from lightning_diffusion.clip import CLIPTextEncoder
-
-        path = _require_file(clip_checkpoint, "model.clip_checkpoint", "CLIP text tower", CLIP_FIX)
-        return CLIPTextEncoder.from_checkpoint(path)
-    if name == "minilm":
-        from lightning_diffusion.clip import MiniLMTextEncoder
-
-        return MiniLMTextEncoder()
-    raise UserError(f"unknown model.text_encoder {name!r}: use 'clip' or 'minilm'")
+def load_text_encoder(hparams: Mapping[str, Any]) -> nn.Module:
+    """The frozen text encoder a denoiser's hyper-parameters name (``model.text_encoder`` and its paths; see
+    ``lightning_diffusion.text_encoders``)."""
+    return TextEncoderSpec.from_hparams(hparams).load()

@@ -31,10 +31,11 @@ from lightning_diffusion.diffusion.objectives import (
 )
 from lightning_diffusion.diffusion.sampling import SamplerName, check_options
 from lightning_diffusion.diffusion.sampling import generate as generate_samples
-from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, stored_text_states
+from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, check_stored_tokens, stored_text_states
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
 from lightning_diffusion.errors import UserError
+from lightning_diffusion.text_encoders import TextEncoderName, TextEncoderSpec, TextLayer, text_dims
 from lightning_diffusion.training.compile import maybe_compile
 from lightning_diffusion.training.nonfinite import (
     NonFiniteGuard, NonFiniteMode, any_rank_nonfinite, check_finite_weights, zero_loss,
@@ -61,8 +62,11 @@ class Denoiser(LightningModule):
         space: Literal["pixel", "latent"] = "pixel",
         vae_checkpoint: str | None = None,
         conditioning: Conditioning = "text",
-        text_encoder: Literal["clip", "minilm"] = "minilm",
+        text_encoder: TextEncoderName = "minilm",
         clip_checkpoint: str | None = None,
+        text_encoder_path: str | None = None,
+        text_encoder_arch: str | None = None,
+        text_layer: TextLayer = "last",
         num_classes: int | None = None,
         lowres_size: int | None = None,
         p_uncond: float = 0.1,
@@ -109,12 +113,10 @@ class Denoiser(LightningModule):
         self.schedule = make_schedule(schedule, num_timesteps, zero_terminal_snr)
 
         self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
-        self._text_encoder = Frozen(load_text_encoder(text_encoder, clip_checkpoint)) if "text" in self.kinds else None
-        text_width = pooled_dim = None
+        self._text_encoder = Frozen(load_text_encoder(self.hparams)) if "text" in self.kinds else None
+        text_width, pooled_dim = text_dims(self._text_encoder)
         if self._text_encoder is not None:
             self.tokenizer = self._text_encoder.module.tokenizer  # the DataModule's tokenizer hook
-            probe_states, probe_pooled = self._text_encoder.module(self.tokenizer([""]))
-            text_width, pooled_dim = probe_states.shape[-1], probe_pooled.shape[-1]
         self.sample_shape = self._diffusion_input_shape()
         if self.sample_shape[-1] % 2 ** (len(channel_mult) - 1):
             raise UserError(f"the diffusion input is {self.sample_shape[-1]} px, not divisible by 2^"
@@ -180,9 +182,7 @@ class Denoiser(LightningModule):
         encoder = self._text_encoder.on(self.device)
         tokens = tokens.to(self.device)
         states, pooled = encoder(tokens) if stored is None else stored
-        if stored is not None and states.shape[:2] != tokens.shape:
-            raise UserError(f"stored text embeddings hold {states.shape[1]} tokens, the tokenizer gives "
-                            f"{tokens.shape[1]}: re-run encode-latents --text-encoder with model.clip_checkpoint")
+        check_stored_tokens(stored, tokens)
         mask = encoder.token_mask(tokens).clone()
         mask[:, 0] = True  # an empty caption still attends to its first (start) token
         return {"context": states, "context_mask": mask, "pooled": pooled}
@@ -232,8 +232,8 @@ class Denoiser(LightningModule):
         check_pre_encoded(data.shard_urls("train") + data.shard_urls("val"), data.tensor_keys,
                           latent_shape=self.sample_shape if self._vae is not None else None,
                           vae_checkpoint=hp.vae_checkpoint if self._vae is not None else None,
-                          clip_checkpoint=hp.clip_checkpoint,
-                          text_encoder=hp.text_encoder if "text" in self.kinds else None, sha256=autoencoder_sha256)
+                          text_encoder=TextEncoderSpec.from_hparams(hp) if "text" in self.kinds else None,
+                          sha256=autoencoder_sha256)
 
     # ---------------------------------------------------------------- training
     def drop_mask(self, batch_size: int, batch_idx: int) -> Tensor:
