@@ -174,7 +174,8 @@ def test_classifier_guided_edm_denoiser_gives_the_class_conditional_denoiser() -
 
     def log_densities(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         var = (S**2 + sigma**2).view(-1, 1)
-        return -0.5 * ((x[:, None, :] - CENTRES.to(x)) ** 2).sum(-1) / var - x.shape[1] / 2 * torch.log(2 * math.pi * var)
+        squared = ((x[:, None, :] - CENTRES.to(x)) ** 2).sum(-1)
+        return -0.5 * squared / var - x.shape[1] / 2 * torch.log(2 * math.pi * var)
 
     def unconditional(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(log_densities(x, sigma), 1)  # p(y | x)
