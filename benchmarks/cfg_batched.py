@@ -27,7 +27,10 @@ from common import add_common_arguments, alternate, finish_arguments, median, re
 
 from lightning_diffusion.diffusion.guidance import classifier_free_guidance
 from lightning_diffusion.diffusion.module import Denoiser
+from lightning_diffusion.diffusion.denoisers import SamplingDenoiser
+from lightning_diffusion.diffusion.noise_grids import discrete_timesteps
 from lightning_diffusion.diffusion.samplers import ddim_sample
+from lightning_diffusion.diffusion.seeding import initial_noise
 
 FULL = dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16, 8),
             num_heads=4)  # configs/denoiser/pixel_tiny.yaml
@@ -93,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     def sample(name: str) -> Tensor:
         generator = torch.Generator(device=device).manual_seed(0)
         with torch.no_grad():
-            return ddim_sample(fns[name], shape, model.schedule, model.hparams.objective, steps=steps,
-                               clip_x0=clip, generator=generator, device=device)
+            denoiser = SamplingDenoiser(fns[name], model.hparams.objective, model.schedule, clip_x0=clip)
+            timesteps = discrete_timesteps(model.schedule.num_timesteps, steps)
+            return ddim_sample(denoiser, initial_noise(shape, generator), timesteps, generator)
 
     batched, separate = sample("batched"), sample("two_forwards")  # also the warm-up
     max_diff = (batched - separate).abs().max().item()

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -155,12 +156,19 @@ def meets(ratio: float, target: str) -> bool:
     return ratio <= float(value) if op == "<=" else ratio >= float(value)
 
 
+def portable_argument(argument: str) -> str:
+    """An absolute path into a checkout's `runs/` or `data/` as the relative path a user copies from the README
+    (`/tmp/clone/runs/quickstart/...` -> `runs/quickstart/...`); anything else unchanged."""
+    match = re.match(r"^/\S*?/((?:runs|data)/\S*)$", argument)
+    return match.group(1) if match else argument
+
+
 def write_result(name: str, args: argparse.Namespace, result: dict[str, Any], *, ratio: float, target: str,
                  ratio_definition: str, packages: Sequence[str] = (), device: torch.device | None = None,
                  summary: Sequence[str] = ()) -> Path:
     """Write `results/<name>.json` (or `results/quick/`, or --out) and print a one-line summary."""
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS) / f"{name}.json"
-    argv = sys.argv[1:]
+    argv = [portable_argument(arg) for arg in sys.argv[1:]]
     record = {"benchmark": name, "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *argv]),
               "quick": bool(args.quick), "repeats": args.repeats, **result,
               "ratio": round(ratio, 3), "ratio_definition": ratio_definition, "target": target,

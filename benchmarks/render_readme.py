@@ -30,7 +30,8 @@ BENCHMARKS = [  # (file, what is compared)
                               "32 px models)"),
     ("latents_vs_on_the_fly_ldm", "P4 at the GPU presets' sizes: kl-f8 VAE-GAN at 256 px, ViT-B-32 text tower, "
                                   "166M-parameter `ldm_base` U-Net"),
-    ("sampler_quality", "P5: best Fréchet distance with <= 25 network evaluations vs DDPM-1000"),
+    ("sampler_quality", "P5: best Fréchet distance with <= 25 network evaluations vs DDPM-1000 (P5b, <= 5: below "
+                        "the sampler table)"),
     ("cfg_batched", "P6: classifier-free guidance in one batched forward vs two forwards"),
     ("compile", "`model.compile: true` (torch.compile of the U-Net, inductor) vs eager: training step (seconds/step)"),
 ]
@@ -177,9 +178,15 @@ def sampler_section() -> list[str]:
              "| sampler | steps | evaluations | Fréchet distance | CLIP score | seconds |", "|---|---|---|---|---|---|"]
     for row in result["rows"]:
         clip = "" if row.get("clip_score") is None else f"{row['clip_score']:.2f}"
-        lines.append(f"| {row['sampler']} | {row['steps']} | {row['nfe']} | {row['fd']:.2f} | {clip} | "
+        sampler = " ".join([row["sampler"], *(f"{k}={v:g}" for k, v in (row.get("options") or {}).items())])
+        lines.append(f"| {sampler} | {row['steps']} | {row['nfe']} | {row['fd']:.2f} | {clip} | "
                      f"{row['seconds']:.0f} |")
     lines += ["", f"![Fréchet distance vs evaluations]({result['plot']})", ""]
+    p5b = result.get("p5b")
+    if p5b:
+        verdict = "met" if p5b["passed"] else "not met"
+        lines += [f"P5b ({p5b['ratio_definition']}): {p5b['best']}, ratio {p5b['ratio']:.3f}, target "
+                  f"{p5b['target']} ({verdict}).", ""]
     return lines
 
 

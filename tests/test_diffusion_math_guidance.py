@@ -10,6 +10,8 @@ from diffusers import DDPMScheduler
 
 from lightning_diffusion.diffusion.guidance import classifier_free_guidance, classifier_guidance, dynamic_threshold
 from lightning_diffusion.diffusion.objectives import output_from_x0_eps, to_x0_eps
+from lightning_diffusion.diffusion.denoisers import SamplingDenoiser
+from lightning_diffusion.diffusion.noise_grids import discrete_timesteps
 from lightning_diffusion.diffusion.samplers import ddim_sample
 from lightning_diffusion.diffusion.schedules import make_schedule
 from lightning_diffusion.errors import UserError
@@ -80,9 +82,14 @@ def test_cfg_inside_a_sampler_changes_samples_and_w1_matches_the_conditional_sam
     cond, null = conditions(2)
     model = CountingModel()
     start = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
-    plain = ddim_sample(lambda x, t: model(x, t, cond), start.shape, schedule, "eps", 10, x_T=start)
-    w1 = ddim_sample(classifier_free_guidance(model, cond, null, 1.0), start.shape, schedule, "eps", 10, x_T=start)
-    w3 = ddim_sample(classifier_free_guidance(model, cond, null, 3.0), start.shape, schedule, "eps", 10, x_T=start)
+    steps = discrete_timesteps(1000, 10)
+
+    def sample(network) -> torch.Tensor:
+        return ddim_sample(SamplingDenoiser(network, "eps", schedule), start, steps)
+
+    plain = sample(lambda x, t: model(x, t, cond))
+    w1 = sample(classifier_free_guidance(model, cond, null, 1.0))
+    w3 = sample(classifier_free_guidance(model, cond, null, 3.0))
     torch.testing.assert_close(w1, plain)
     assert (w3 - plain).abs().max() > 0.1
 

@@ -9,18 +9,20 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
-from lightning_diffusion.diffusion.objectives import output_from_x0_eps
+from lightning_diffusion.diffusion.denoisers import SamplingDenoiser, output_from_x0_eps
+from lightning_diffusion.diffusion.noise_grids import discrete_timesteps as ddim_timesteps
+from lightning_diffusion.diffusion.noise_grids import flow_times, sigma_grid
 from lightning_diffusion.diffusion.samplers import (
     ddim_sample,
     ddim_step,
-    ddim_timesteps,
     ddpm_sample,
     ddpm_step,
+    euler_sample,
     flow_euler_sample,
     flow_heun_sample,
-    probability_flow_sample,
-    probability_flow_sigmas,
+    heun_sample,
 )
+from lightning_diffusion.diffusion.seeding import initial_noise
 from lightning_diffusion.diffusion.schedules import NoiseSchedule, make_schedule
 from lightning_diffusion.errors import UserError
 
@@ -53,6 +55,28 @@ def exact_eps(schedule: NoiseSchedule, prediction: str = "eps"):
         return output_from_x0_eps(prediction, x0, eps, a, s_t)
 
     return model_fn
+
+
+def fixed(output: torch.Tensor, prediction: str, schedule: NoiseSchedule, **kwargs) -> SamplingDenoiser:
+    """A denoiser whose network returns ``output`` whatever its input: single steps against diffusers."""
+    return SamplingDenoiser(lambda x, t: output, prediction, schedule, **kwargs)
+
+
+def vp(model_fn, schedule: NoiseSchedule, prediction: str = "eps", **kwargs) -> SamplingDenoiser:
+    return SamplingDenoiser(model_fn, prediction, schedule, **kwargs)
+
+
+def probability_flow(model_fn, schedule: NoiseSchedule, prediction: str, steps: int, method: str, start: torch.Tensor,
+                     discrete: bool = True, **grid) -> torch.Tensor:
+    """The probability-flow ODE from ``start ~ N(0, I)`` (VP scale) at the grid's first level."""
+    denoiser = vp(model_fn, schedule, prediction, discrete=discrete)
+    sigmas = sigma_grid(denoiser, steps, **grid)
+    sampler = heun_sample if method == "heun" else euler_sample
+    return sampler(denoiser, start * denoiser.prior_scale(float(sigmas[0])), sigmas)
+
+
+def pf_sigmas(schedule: NoiseSchedule, steps: int, quantize: bool = True, **grid) -> torch.Tensor:
+    return sigma_grid(vp(None, schedule, discrete=quantize), steps, **grid)
 
 
 def in_float64(scheduler: DDPMScheduler | DDIMScheduler, schedule: NoiseSchedule):
@@ -109,7 +133,7 @@ def test_ddpm_step_matches_diffusers(name: str, prediction: str, variance: str, 
         x_t, output, noise = torch.randn(3, 2, 3, 8, 8, generator=generator)
         monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *args, **kwargs: noise.double())
         expected = reference.step(output.double(), t, x_t.double()).prev_sample
-        got = ddpm_step(output, x_t, t, schedule, prediction, variance, noise=noise).double()
+        got = ddpm_step(fixed(output, prediction, schedule), x_t, t, variance=variance, noise=noise)[0].double()
         # eps -> x0 divides by sqrt(abar_999) = 5e-5 for the cosine schedule (|x| ~ 100): compare relative to scale
         scale = max(1.0, expected.abs().max().item())
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * scale)
@@ -129,7 +153,7 @@ def test_ddim_step_matches_diffusers(name: str, prediction: str, eta: float) -> 
         x_t, output, noise = torch.randn(3, 2, 3, 8, 8, generator=generator)
         expected = reference.step(output.double(), t, x_t.double(), eta=eta, variance_noise=noise.double()).prev_sample
         t_prev = t - T // steps if t >= T // steps else -1
-        got = ddim_step(output, x_t, t, t_prev, schedule, prediction, eta=eta, noise=noise).double()
+        got = ddim_step(fixed(output, prediction, schedule), x_t, t, t_prev, eta=eta, noise=noise)[0].double()
         scale = max(1.0, expected.abs().max().item())
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * scale)
 
@@ -143,15 +167,16 @@ def test_clipped_and_thresholded_x0_match_diffusers(monkeypatch) -> None:
     t = 400
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *args, **kwargs: noise)
     clipped = DDPMScheduler(num_train_timesteps=T, clip_sample=True).step(output, t, x_t).prev_sample
-    torch.testing.assert_close(ddpm_step(output, x_t, t, schedule, "eps", noise=noise, clip_x0=1.0), clipped)
+    torch.testing.assert_close(ddpm_step(fixed(output, "eps", schedule, clip_x0=1.0), x_t, t, noise=noise)[0], clipped)
     thresholded = DDPMScheduler(num_train_timesteps=T, thresholding=True, sample_max_value=1e9,
                                 dynamic_thresholding_ratio=0.9).step(output, t, x_t).prev_sample
-    ours = ddpm_step(output, x_t, t, schedule, "eps", noise=noise, threshold=lambda x0: dynamic_threshold(x0, 0.9))
+    ours = ddpm_step(fixed(output, "eps", schedule, threshold=lambda x0: dynamic_threshold(x0, 0.9)), x_t, t,
+                     noise=noise)[0]
     torch.testing.assert_close(ours, thresholded)
     ddim = DDIMScheduler(num_train_timesteps=T, clip_sample=True, set_alpha_to_one=True)
     ddim.set_timesteps(50)
     expected = ddim.step(output, t, x_t, eta=0.0, use_clipped_model_output=True).prev_sample
-    torch.testing.assert_close(ddim_step(output, x_t, t, t - 20, schedule, "eps", clip_x0=1.0), expected)
+    torch.testing.assert_close(ddim_step(fixed(output, "eps", schedule, clip_x0=1.0), x_t, t, t - 20)[0], expected)
 
 
 # whole loops against diffusers --------------------------------------------------------------------------------
@@ -169,8 +194,8 @@ def test_ddim_sample_matches_diffusers_loop(eta: float) -> None:
     x = start
     for t in reference.timesteps:
         x = reference.step(model_fn(x, t.expand(len(x))), t, x, eta=eta, generator=generator).prev_sample
-    got = ddim_sample(model_fn, start.shape, schedule, "eps", steps, eta, torch.Generator().manual_seed(5), x_T=start,
-                      dtype=torch.float64)
+    got = ddim_sample(vp(model_fn, schedule), start, ddim_timesteps(T, steps), torch.Generator().manual_seed(5),
+                      eta=eta)
     torch.testing.assert_close(got, x, rtol=0, atol=1e-6)
 
 
@@ -184,8 +209,7 @@ def test_ddpm_sample_matches_diffusers_loop() -> None:
     x = start
     for t in reference.timesteps:
         x = reference.step(model_fn(x, t.expand(len(x))), t, x, generator=generator).prev_sample
-    got = ddpm_sample(model_fn, start.shape, schedule, "v", generator=torch.Generator().manual_seed(6), x_T=start,
-                      dtype=torch.float64)
+    got = ddpm_sample(vp(model_fn, schedule, "v"), start, list(range(T - 1, -1, -1)), torch.Generator().manual_seed(6))
     torch.testing.assert_close(got, x, rtol=0, atol=1e-6)
 
 
@@ -196,10 +220,11 @@ def test_ddim_eta0_is_deterministic_and_seeds_fix_stochastic_samplers() -> None:
     schedule = make_schedule("linear")
     model_fn = exact_eps(schedule)
     start = x_T(3, 16).float()
-    first = ddim_sample(model_fn, start.shape, schedule, "eps", steps=20, x_T=start)
-    assert torch.equal(first, ddim_sample(model_fn, start.shape, schedule, "eps", steps=20, x_T=start))
-    for sampler in (lambda g: ddim_sample(model_fn, (16, 2), schedule, "eps", 20, 1.0, g),
-                    lambda g: ddpm_sample(model_fn, (16, 2), schedule, "eps", generator=g, steps=50)):
+    denoiser, steps20, steps50 = vp(model_fn, schedule), ddim_timesteps(T, 20), ddim_timesteps(T, 50)
+    first = ddim_sample(denoiser, start, steps20)
+    assert torch.equal(first, ddim_sample(denoiser, start, steps20))
+    for sampler in (lambda g: ddim_sample(denoiser, initial_noise((16, 2), g), steps20, g, eta=1.0),
+                    lambda g: ddpm_sample(denoiser, initial_noise((16, 2), g), steps50, g)):
         a, b, c = (sampler(torch.Generator().manual_seed(seed)) for seed in (7, 7, 8))
         assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -209,11 +234,9 @@ def test_respaced_ddpm_is_ddim_with_eta_one_on_the_same_timesteps() -> None:
     schedule = make_schedule("cosine")
     model_fn = exact_eps(schedule, "x0")
     start = x_T(4, 64)
-    kwargs = {"x_T": start, "dtype": torch.float64}
-    ddpm = ddpm_sample(model_fn, start.shape, schedule, "x0", generator=torch.Generator().manual_seed(9), steps=20,
-                       spacing="trailing", **kwargs)
-    ddim = ddim_sample(model_fn, start.shape, schedule, "x0", 20, 1.0, torch.Generator().manual_seed(9),
-                       spacing="trailing", **kwargs)
+    denoiser, steps = vp(model_fn, schedule, "x0"), ddim_timesteps(T, 20, "trailing")
+    ddpm = ddpm_sample(denoiser, start, steps, torch.Generator().manual_seed(9))
+    ddim = ddim_sample(denoiser, start, steps, torch.Generator().manual_seed(9), eta=1.0)
     torch.testing.assert_close(ddpm, ddim, rtol=0, atol=1e-12)
 
 
@@ -224,11 +247,13 @@ def test_low_precision_model_outputs_keep_a_float32_state_and_progress_bars_run(
         return exact_eps(schedule)(x, t).bfloat16()
 
     start = x_T(5, 8).float()
-    for x in (ddim_sample(bf16_model, start.shape, schedule, "eps", 5, x_T=start, progress=True),
-              ddpm_sample(bf16_model, start.shape, schedule, "eps", x_T=start, steps=5, progress=True),
-              probability_flow_sample(bf16_model, start.shape, schedule, "eps", 5, x_T=start, progress=True),
-              flow_heun_sample(lambda x, t: gaussian_velocity(x, t).bfloat16(), start.shape, 5, x_0=start,
-                               progress=True)):
+    denoiser, steps = vp(bf16_model, schedule), ddim_timesteps(T, 5)
+    sigmas = sigma_grid(denoiser, 5)
+    flow = SamplingDenoiser(lambda x, t: gaussian_velocity(x, t).bfloat16(), "flow")
+    for x in (ddim_sample(denoiser, start, steps, progress=True),
+              ddpm_sample(denoiser, start, steps, progress=True),
+              heun_sample(denoiser, start * denoiser.prior_scale(float(sigmas[0])), sigmas, progress=True),
+              flow_heun_sample(flow, start, flow_times(5), progress=True)):
         assert x.dtype == torch.float32 and torch.isfinite(x).all()
     assert "DDIM" in capsys.readouterr().err
 
@@ -239,8 +264,9 @@ def test_low_precision_model_outputs_keep_a_float32_state_and_progress_bars_run(
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
 def test_ddpm_recovers_gaussian_data(variance: str) -> None:
     schedule = make_schedule("linear")
-    x = ddpm_sample(exact_eps(schedule), (N, 2), schedule, "eps", variance, torch.Generator().manual_seed(20),
-                    dtype=torch.float64)
+    generator = torch.Generator().manual_seed(20)
+    x = ddpm_sample(vp(exact_eps(schedule), schedule), initial_noise((N, 2), generator, dtype=torch.float64),
+                    list(range(T - 1, -1, -1)), generator, variance=variance)
     assert_recovers_data(x)
 
 
@@ -263,7 +289,8 @@ def ddim_moments(schedule: NoiseSchedule, steps: int, eta: float) -> tuple[torch
 def test_ddim_50_steps_has_the_exact_moments_and_converges_to_the_data(eta: float) -> None:
     schedule = make_schedule("linear")
     model_fn = exact_eps(schedule)
-    x = ddim_sample(model_fn, (N, 2), schedule, "eps", 50, eta, x_T=x_T(21), generator=torch.Generator().manual_seed(1))
+    denoiser = vp(model_fn, schedule)
+    x = ddim_sample(denoiser, x_T(21), ddim_timesteps(T, 50), torch.Generator().manual_seed(1), eta=eta)
     mean, std = ddim_moments(schedule, 50, eta)
     assert (x.mean(0) - mean).abs().max().item() < 5 * std / N**0.5
     assert (x.std(0) - std).abs().max().item() < 5 * std / (2 * N) ** 0.5
@@ -271,15 +298,14 @@ def test_ddim_50_steps_has_the_exact_moments_and_converges_to_the_data(eta: floa
     # discretisation, not the code, since the sampler matches the exact moments above; the limit is the data
     assert abs(std - S) / S < (0.1 if eta == 0 else 0.2)
     assert abs(ddim_moments(schedule, T, eta)[1] - S) / S < 0.02  # 0.2985 at eta = 0, 0.2963 at eta = 1
-    assert_recovers_data(ddim_sample(model_fn, (N, 2), schedule, "eps", T, eta, x_T=x_T(22),
-                                     generator=torch.Generator().manual_seed(2)))
+    assert_recovers_data(ddim_sample(denoiser, x_T(22), ddim_timesteps(T, T), torch.Generator().manual_seed(2),
+                                     eta=eta))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_probability_flow_heun_recovers_gaussian_data(prediction: str) -> None:
     schedule = make_schedule("cosine")
-    x = probability_flow_sample(exact_eps(schedule, prediction), (N, 2), schedule, prediction, 60, "heun",
-                                x_T=x_T(23))
+    x = probability_flow(exact_eps(schedule, prediction), schedule, prediction, 60, "heun", x_T(23).float())
     assert_recovers_data(x)
 
 
@@ -292,32 +318,30 @@ def test_probability_flow_converges_at_first_and_second_order_and_euler_on_times
     error = {}
     for method in ("euler", "heun"):
         for steps in (50, 100):
-            sigma_top = probability_flow_sigmas(schedule, steps)[0].item()
+            sigma_top = pf_sigmas(schedule, steps)[0].item()
             exact = MU + (start * math.sqrt(1 + sigma_top**2) - MU) * S / math.sqrt(S**2 + sigma_top**2)
-            x = probability_flow_sample(model_fn, start.shape, schedule, "eps", steps, method, x_T=start,
-                                        dtype=torch.float64)
+            x = probability_flow(model_fn, schedule, "eps", steps, method, start)
             error[method, steps] = (x - exact).abs().max().item()
     assert 1.7 < error["euler", 50] / error["euler", 100] < 2.3  # first order
     assert error["heun", 50] / error["heun", 100] > 3.5  # second order
     assert error["heun", 50] < error["euler", 50] / 5
-    euler = probability_flow_sample(model_fn, start.shape, schedule, "eps", 25, "euler", x_T=start,
-                                    grid="timesteps", spacing="leading", dtype=torch.float64)
-    ddim = ddim_sample(model_fn, start.shape, schedule, "eps", 25, x_T=start, dtype=torch.float64)
+    euler = probability_flow(model_fn, schedule, "eps", 25, "euler", start, grid="discrete", spacing="leading")
+    ddim = ddim_sample(vp(model_fn, schedule), start, ddim_timesteps(T, 25))
     torch.testing.assert_close(euler, ddim, rtol=0, atol=1e-10)
 
 
 def test_probability_flow_sigma_grids() -> None:
     schedule = make_schedule("linear")
-    karras = probability_flow_sigmas(schedule, 10, quantize=False, sigma_max=None)
+    karras = pf_sigmas(schedule, 10, quantize=False, sigma_max=None)
     assert len(karras) == 11 and karras[-1] == 0
     assert karras[0].item() == pytest.approx(schedule.sigmas[-1].item())
-    assert probability_flow_sigmas(schedule, 10, quantize=False)[0].item() == pytest.approx(80.0)
+    assert pf_sigmas(schedule, 10, quantize=False)[0].item() == pytest.approx(80.0)
     assert karras[-2].item() == pytest.approx(schedule.sigmas[0].item())
-    quantized = probability_flow_sigmas(schedule, 10)
+    quantized = pf_sigmas(schedule, 10)
     ts = schedule.sigma_to_t(quantized[:-1])
     torch.testing.assert_close(ts, ts.round(), rtol=0, atol=1e-9)
     assert bool((quantized.diff() < 0).all())
-    steps = probability_flow_sigmas(schedule, 10, grid="timesteps", spacing="trailing")
+    steps = pf_sigmas(schedule, 10, grid="discrete", spacing="trailing")
     torch.testing.assert_close(steps[:-1], schedule.sigmas[ddim_timesteps(T, 10, "trailing")])
 
 
@@ -329,7 +353,7 @@ def test_probability_flow_passes_float_timesteps_when_not_quantized() -> None:
         seen.append(t)
         return exact_eps(schedule)(x, t)
 
-    x = probability_flow_sample(model_fn, (N, 2), schedule, "eps", 40, "heun", x_T=x_T(25), quantize=False)
+    x = probability_flow(model_fn, schedule, "eps", 40, "heun", x_T(25).float(), discrete=False)
     assert all(t.is_floating_point() for t in seen) and len(seen) == 2 * 40 - 1
     assert any((t != t.round()).any() for t in seen)
     assert_recovers_data(x)
@@ -352,13 +376,14 @@ def gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def test_flow_samplers_land_on_the_gaussian_target_at_first_and_second_order() -> None:
     start = x_T(26)
+    flow = SamplingDenoiser(gaussian_velocity, "flow")
     exact = MU + S * start  # the ODE's solution: x_t = t MU + sqrt(V_t) x_0
     error = {}
     for name, sampler in (("euler", flow_euler_sample), ("heun", flow_heun_sample)):
         for steps in (20, 40):
-            error[name, steps] = (sampler(gaussian_velocity, start.shape, steps, x_0=start) - exact).abs().max().item()
-        assert_recovers_data(sampler(gaussian_velocity, (N, 2), 50, torch.Generator().manual_seed(3),
-                                     dtype=torch.float64))
+            error[name, steps] = (sampler(flow, start, flow_times(steps)) - exact).abs().max().item()
+        noise = initial_noise((N, 2), torch.Generator().manual_seed(3), dtype=torch.float64)
+        assert_recovers_data(sampler(flow, noise, flow_times(50)))
     assert 1.7 < error["euler", 20] / error["euler", 40] < 2.3
     assert error["heun", 20] / error["heun", 40] > 3.5
     assert error["heun", 20] < error["euler", 20] / 10

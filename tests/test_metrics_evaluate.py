@@ -42,8 +42,8 @@ class TinyGenerator(LightningModule):
         self.bias = torch.nn.Parameter(torch.zeros(()))
         self.calls: list[int] = []
 
-    def generate(self, captions: list[str], seed: int = 0) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
+    def generate(self, captions: list[str], seed: int = 0, first_index: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed + first_index)
         size = self.hparams.image_size
         return torch.rand(len(captions), 3, size, size, generator=generator) * 2 - 1 + self.bias
 
@@ -157,13 +157,13 @@ def test_evaluate_generation_with_the_project_clip(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "clip.json").read_text())
     assert set(result["metrics"]) == {"fd_clip@6", "clip_score_clip@6"} and result["encoder"] == "clip"
 
-    # the CLIP score by hand: batch i of 3 captions was generated with seed i
+    # the CLIP score by hand: batch i of 3 captions starts at sample index 3 i
     image_tower, text_tower = CLIPImageEncoder.from_checkpoint(clip_ckpt), CLIPTextEncoder.from_checkpoint(clip_ckpt)
     generator, scores = TinyGenerator(), []
     for index in range(2):
         captions = [f"caption {3 * index + j}" for j in range(3)]
         with torch.no_grad():
-            image_features = F.normalize(image_tower(generator.generate(captions, seed=index)), dim=-1)
+            image_features = F.normalize(image_tower(generator.generate(captions, first_index=3 * index)), dim=-1)
             text_features = F.normalize(text_tower(text_tower.tokenizer(captions))[1], dim=-1)
         scores.append(100 * (image_features * text_features).sum(-1).clamp(min=0))
     assert result["metrics"]["clip_score_clip@6"] == pytest.approx(float(torch.cat(scores).mean()), rel=1e-5)

@@ -106,6 +106,10 @@ def test_unconditional_flow_model_samples_with_euler(checkpoints: dict[str, Path
         ("text", ["--prompt", "a koala", "--steps", "-2"], "--steps must be >= 1"),
         ("text", ["--prompt", "a koala", "--n", "0"], "--n must be >= 1"),
         ("flow", ["--label", "2"], "--label given"),
+        ("flow", ["--eta", "0.5"], "--eta sets DDIM / ancestral noise"),
+        ("text", ["--prompt", "a koala", "--sampler", "ddim", "--rho", "5"], "--rho shapes the karras sigma grid"),
+        ("text", ["--prompt", "a koala", "--sampler", "dpmpp_2m", "--s-churn", "40"], "--s-churn"),
+        ("text", ["--prompt", "a koala", "--threshold", "0.99", "--clip", "1"], "give one of them"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(checkpoints: dict[str, Path], tmp_path: Path, which: str,
@@ -115,3 +119,21 @@ def test_bad_input_is_a_one_line_user_error(checkpoints: dict[str, Path], tmp_pa
     assert main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.png"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_sample_help_lists_every_sampling_option(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--sampler", "--steps", "--eta", "--variance", "--spacing", "--grid", "--rho", "--s-churn",
+                 "--threshold", "--clip", "--cfg-rescale", "dpmpp_2m", "euler_ancestral"):
+        assert flag in out, flag
+
+
+def test_new_samplers_and_options_run_end_to_end(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--ckpt", str(checkpoints["text"]), "--prompt", "a koala", "--sampler", "edm", "--steps",
+                 "3", "--s-churn", "10", "--rho", "5", "--threshold", "0.99", "--guidance", "3", "--cfg-rescale",
+                 "0.7", "--n", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert "sampler=edm steps=3" in out.with_suffix(".txt").read_text()
+    assert "s_churn=10.0" in out.with_suffix(".txt").read_text()

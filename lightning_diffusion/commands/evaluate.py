@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from lightning_diffusion.diffusion.sampling import add_sampling_arguments, check_overrides, sampling_overrides
 from lightning_diffusion.training.checkpoints import load_checkpoint, resolve_model_class, user_model_class
 from lightning_diffusion.errors import UserError
 
@@ -54,8 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kid-subset-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, help="denoisers: classifier-free guidance weight (default: the model's)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun"), help="denoisers: sampler (default: the model's)")
-    parser.add_argument("--steps", type=int, help="denoisers: sampling steps (default: the model's)")
+    add_sampling_arguments(parser)  # denoisers: --sampler, --steps, --eta, ... (default: the model's)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -141,16 +141,18 @@ def _clip_score(args: argparse.Namespace, device: torch.device) -> Any:
 
 
 def generation_options(args: argparse.Namespace, model: torch.nn.Module, task: str) -> dict[str, Any]:
-    """`--guidance/--sampler/--steps` for `generate` (None: the model's validation defaults), checked against the
+    """`--guidance` and the sampling flags for `generate` (None: the model's validation defaults), checked against the
     model before anything is computed or written."""
-    options = {"guidance": args.guidance, "sampler": args.sampler, "steps": args.steps}
-    given = {key: value for key, value in options.items() if value is not None}
+    sampling = sampling_overrides(args)
+    given = {**({"guidance": args.guidance} if args.guidance is not None else {}), **sampling}
     if given and task != "generation":
-        raise UserError(f"--{'/--'.join(given)} apply to denoiser checkpoints; this one is a {task} model")
+        flags = "/--".join(key.replace("_", "-") for key in given)
+        raise UserError(f"--{flags} apply to denoiser checkpoints; this one is a {task} model")
     if given:
         from lightning_diffusion.diffusion.arguments import check_sampling
 
-        check_sampling(model.hparams, **given, prefix="--")
+        check_sampling(model.hparams, guidance=args.guidance, prefix="--")
+        check_overrides(model.hparams, sampling)
     return given
 
 

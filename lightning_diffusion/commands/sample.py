@@ -21,6 +21,7 @@ from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
 from lightning_diffusion.diffusion.arguments import check_sampling
 from lightning_diffusion.diffusion.module import Denoiser
+from lightning_diffusion.diffusion.sampling import add_sampling_arguments, check_overrides, sampling_overrides
 from lightning_diffusion.errors import UserError
 
 
@@ -34,9 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=None,
                         help="classifier-free guidance weight(s) w: uncond + w (cond - uncond); 1 = no guidance "
                              "(default: the model's validation guidance)")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None,
-                        help="default: the model's validation sampler")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--n", type=int, default=16, help="samples per row")
     parser.add_argument("--out", default="samples/grid.png", help="grid PNG; single images go to a folder beside it")
@@ -121,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
                           text_encoder_path=args.text_encoder_path)
     for guidance in args.guidance or [None]:
         check_sampling(model.hparams, sampler=args.sampler, guidance=guidance, prefix="--")
+    options = sampling_overrides(args)
+    check_overrides(model.hparams, options)
     rows = _rows(args, model)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -136,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
             [row["prompt"]] * args.n if "prompt" in row else None,
             [row["label"]] * args.n if "label" in row else None,
             lowres.expand(args.n, -1, -1, -1) if lowres is not None else None,
-            num_samples=args.n, guidance=row["guidance"], sampler=args.sampler, steps=args.steps, seed=args.seed,
-            progress=True,
+            num_samples=args.n, guidance=row["guidance"], seed=args.seed, progress=True, **options,
         )
         for k, image in enumerate(to_uint8(samples)):
             save_png(image, singles / f"row{index:02d}_{k:03d}.png")
@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     save_png(image_grid(torch.cat(images), columns), out)
     sampler = args.sampler or model.hparams.val_sampler
     steps = args.steps or model.hparams.val_steps
-    header = f"{args.ckpt} sampler={sampler} steps={steps} seed={args.seed} n={args.n}"
+    extra = "".join(f" {key}={value}" for key, value in options.items() if key not in ("sampler", "steps"))
+    header = f"{args.ckpt} sampler={sampler} steps={steps}{extra} seed={args.seed} n={args.n}"
     out.with_suffix(".txt").write_text("\n".join([header, *captions]) + "\n")
     print(f"wrote {out} ({len(rows)} row(s) x {args.n}), captions {out.with_suffix('.txt')}, single images in {singles}/")
     return 0

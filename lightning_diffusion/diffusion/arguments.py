@@ -10,11 +10,13 @@ from lightning_diffusion.errors import UserError, check_positive
 
 
 def check_sampler(objective: str, sampler: str, key: str = "sampler") -> None:
-    """DDPM/DDIM step a VP model; Euler/Heun integrate either the flow or the VP probability-flow ODE."""
-    if sampler not in ("ddim", "ddpm", "euler", "heun"):
-        raise UserError(f"unknown {key} {sampler!r}: use ddim, ddpm, euler or heun")
-    if objective == "flow" and sampler in ("ddim", "ddpm"):
-        raise UserError(f"{key} {sampler!r} needs a DDPM-style model but this one uses the flow objective: "
+    """DDPM/DDIM step a VP model; the sigma-space samplers (``diffusion/sampling.py``) take any model."""
+    from lightning_diffusion.diffusion.sampling import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown {key} {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if objective in ("flow", "edm") and sampler in ("ddim", "ddpm"):
+        raise UserError(f"{key} {sampler!r} needs a DDPM-style model but this one uses the {objective} objective: "
                         f"use euler or heun")
 
 

@@ -20,19 +20,17 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
 
-from lightning_diffusion.diffusion.arguments import check_arguments, check_sampling
+from lightning_diffusion.diffusion.arguments import check_arguments
 from lightning_diffusion.diffusion.conditioning import (
     Condition, Conditioning, NullCondition, condition_kinds, downsample_for_lowres, is_guidable, uncond_drop_mask,
 )
 from lightning_diffusion.diffusion.frozen import Frozen, load_text_encoder, load_vae
 from lightning_diffusion.diffusion.grids import image_grid, log_grid, save_png
-from lightning_diffusion.diffusion.guidance import classifier_free_guidance
 from lightning_diffusion.diffusion.objectives import (
     diffusion_loss, flow_interpolate, flow_velocity_target, min_snr_weight, sample_flow_time, training_target,
 )
-from lightning_diffusion.diffusion.samplers import (
-    ddim_sample, ddpm_sample, flow_euler_sample, flow_heun_sample, probability_flow_sample,
-)
+from lightning_diffusion.diffusion.sampling import SamplerName, check_options
+from lightning_diffusion.diffusion.sampling import generate as generate_samples
 from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, check_stored_tokens, stored_text_states
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
@@ -45,7 +43,6 @@ from lightning_diffusion.training.nonfinite import (
 from lightning_diffusion.training.optim import decay_groups
 
 Objective = Literal["eps", "v", "x0", "flow"]
-SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
 DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of fox", "a flat vector emoji of fox")  # val-split concepts
 DEFAULT_TRAIN_PROMPTS = ("a 3D rendered emoji of red apple", "a flat vector emoji of red apple")
 
@@ -60,6 +57,7 @@ class Denoiser(LightningModule):
         objective: Objective = "eps",
         schedule: ScheduleName = "cosine",
         num_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
         min_snr_gamma: float | None = None,
         space: Literal["pixel", "latent"] = "pixel",
         vae_checkpoint: str | None = None,
@@ -89,6 +87,7 @@ class Denoiser(LightningModule):
         val_sampler: SamplerName = "ddim",
         val_steps: int = 50,
         val_guidance: float | None = None,
+        sampling: dict[str, Any] | None = None,
         heldout_prompts: tuple[str, ...] = DEFAULT_HELDOUT_PROMPTS,
         train_prompts: tuple[str, ...] = DEFAULT_TRAIN_PROMPTS,
         val_labels: tuple[int, ...] = (0, 1, 2, 3),
@@ -105,9 +104,13 @@ class Denoiser(LightningModule):
         self.guidable = is_guidable(conditioning)
         self.val_guidance = (3.0 if self.guidable else 1.0) if val_guidance is None else val_guidance
         check_arguments(self.hparams, self.kinds, self.val_guidance)
+        check_options(objective, val_sampler, sampling or {}, "model.sampling.")
         self.nonfinite = NonFiniteGuard(nonfinite_loss, max_nonfinite_skips, "denoiser",
                                         "lower model.lr, or use trainer.precision 32-true / bf16-mixed, not 16-mixed")
-        self.schedule = make_schedule(schedule, num_timesteps)
+        if zero_terminal_snr and objective not in ("v", "x0"):
+            raise UserError(f"model.zero_terminal_snr needs model.objective v (or x0): at zero SNR the input is pure "
+                            f"noise, so {objective!r} has nothing to predict")
+        self.schedule = make_schedule(schedule, num_timesteps, zero_terminal_snr)
 
         self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
         self._text_encoder = Frozen(load_text_encoder(self.hparams)) if "text" in self.kinds else None
@@ -364,36 +367,14 @@ class Denoiser(LightningModule):
         sampler: str | None = None,
         steps: int | None = None,
         seed: int = 0,
+        first_index: int = 0,
         progress: bool = False,
+        **options: Any,
     ) -> Tensor:
         """Images in [-1, 1], one per caption / label / low-res image (``num_samples`` for an unconditional
-        model), with the validation defaults unless overridden. The same seed gives the same images."""
-        hp = self.hparams
-        guidance = self.val_guidance if guidance is None else guidance
-        sampler, steps = sampler or hp.val_sampler, hp.val_steps if steps is None else steps
-        check_sampling(hp, sampler=sampler, guidance=guidance, steps=steps)
-        condition = self.make_condition(captions, labels, lowres)
-        sizes = [len(v) for v in (captions, labels, lowres) if v is not None]
-        n = sizes[0] if sizes else num_samples
-        if not n:
-            raise UserError("nothing to sample: give captions, labels, low-res images or num_samples")
-        if self.guidable:
-            model_fn = classifier_free_guidance(self.forward, condition, self.null.null_like(condition), guidance)
-        else:
-            def model_fn(x: Tensor, t: Tensor) -> Tensor:
-                return self(x, t, condition)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        common = {"generator": generator, "progress": progress, "device": self.device}
-        shape = (n, *self.sample_shape)
-        clip = 1.0 if self._vae is None else None
-        if hp.objective == "flow":
-            flow = flow_euler_sample if sampler == "euler" else flow_heun_sample
-            x = flow(model_fn, shape, steps, **common)
-        elif sampler == "ddim":
-            x = ddim_sample(model_fn, shape, self.schedule, hp.objective, steps=steps, clip_x0=clip, **common)
-        elif sampler == "ddpm":
-            x = ddpm_sample(model_fn, shape, self.schedule, hp.objective, steps=steps, clip_x0=clip, **common)
-        else:
-            x = probability_flow_sample(model_fn, shape, self.schedule, hp.objective, steps, method=sampler,
-                                        clip_x0=clip, **common)
-        return self.decode(x)
+        model), with the validation defaults (``val_sampler``, ``val_steps``, ``sampling``) unless overridden by
+        ``sampler``, ``steps`` or the ``sampling`` options (``diffusion/sampling.py``). Sample ``k`` draws from the
+        stream of index ``first_index + k``, so the same seed gives the same images whatever the batch size."""
+        return generate_samples(self, captions, labels, lowres, num_samples, guidance=guidance, seed=seed,
+                                first_index=first_index, progress=progress, sampler=sampler, steps=steps,
+                                **options)

@@ -14,6 +14,9 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from lightning_diffusion.diffusion.denoisers import (  # noqa: F401  the conversions live in denoisers.py
+    output_from_x0_eps, to_x0_eps, x0_eps_from_output,
+)
 from lightning_diffusion.diffusion.schedules import NoiseSchedule, broadcast_like
 from lightning_diffusion.errors import UserError
 
@@ -27,40 +30,10 @@ def check_prediction(prediction: str) -> None:
         raise UserError(f"unknown prediction type {prediction!r}; set `prediction` to one of {get_args(Prediction)}")
 
 
-def output_from_x0_eps(prediction: Prediction, x0: Tensor, eps: Tensor, signal: Tensor, noise: Tensor) -> Tensor:
-    """The model output (``eps``, ``v`` or ``x0``) that corresponds to ``(x0, eps)`` at rates ``(signal, noise)``."""
-    check_prediction(prediction)
-    if prediction == "eps":
-        return eps
-    if prediction == "v":
-        return signal * eps - noise * x0
-    return x0
-
-
-def x0_eps_from_output(
-    prediction: Prediction, model_output: Tensor, x_t: Tensor, signal: Tensor, noise: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``(x0_hat, eps_hat)`` from a model output at rates ``(signal, noise)``, with ``signal^2 + noise^2 = 1``."""
-    check_prediction(prediction)
-    if prediction == "eps":
-        return (x_t - noise * model_output) / signal, model_output
-    if prediction == "v":
-        return signal * x_t - noise * model_output, noise * x_t + signal * model_output
-    return model_output, (x_t - signal * model_output) / noise
-
-
 def training_target(prediction: Prediction, x0: Tensor, eps: Tensor, schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """The regression target for ``x_t = schedule.add_noise(x0, eps, t)``: ``eps``, ``v`` or ``x0``."""
     signal, noise = schedule.signal_noise(t, x0)
     return output_from_x0_eps(prediction, x0, eps, signal, noise)
-
-
-def to_x0_eps(
-    prediction: Prediction, model_output: Tensor, x_t: Tensor, schedule: NoiseSchedule, t: Tensor | int
-) -> tuple[Tensor, Tensor]:
-    """``(x0_hat, eps_hat)`` from the model's output in any parameterisation, computed in ``x_t``'s dtype."""
-    signal, noise = schedule.signal_noise(t, x_t)
-    return x0_eps_from_output(prediction, model_output.to(x_t.dtype), x_t, signal, noise)
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float, prediction: Prediction) -> Tensor:

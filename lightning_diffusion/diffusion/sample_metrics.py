@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_diffusion.diffusion.sampling import SamplerName
 from lightning_diffusion.errors import UserError
 from lightning_diffusion.metrics.evaluation import Evaluator, run_evaluation
 
@@ -40,7 +41,7 @@ class SampleMetrics(Callback):
         clip_checkpoint: str | None = None,
         inception_weights: str | None = None,
         guidance: float | None = None,
-        sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = None,
+        sampler: SamplerName | None = None,
         steps: int | None = None,
         batch_size: int = 64,
         seed: int = 0,

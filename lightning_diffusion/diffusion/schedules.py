@@ -30,8 +30,10 @@ class NoiseSchedule:
 
     def __init__(self, betas: Tensor) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
-        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise UserError(f"noise schedule betas must be a 1-D sequence of at least 2 values in (0, 1); got {betas}")
+        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all() or (
+                ((betas[:-1] > 0) & (betas[:-1] < 1)).all() and betas[-1] == 1)):
+            raise UserError(f"noise schedule betas must be a 1-D sequence of at least 2 values in (0, 1) (the last "
+                            f"may be 1: zero terminal SNR); got {betas}")
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
@@ -53,6 +55,19 @@ class NoiseSchedule:
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         return cls(torch.clamp(1 - f[1:] / f[:-1], max=max_beta))
+
+    def zero_terminal_snr(self) -> NoiseSchedule:
+        """The schedule rescaled to zero SNR at ``t = T-1`` (Lin et al. 2023, Alg. 1): ``sqrt(abar)`` shifted and
+        scaled so its last value is 0 and its first unchanged, so the last step is pure noise, as at sampling.
+        Only a v- (or x0-) predicting model can be trained on it: eps is the input itself at SNR 0."""
+        root = self.alphas_cumprod.sqrt()
+        root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+        abar = root**2
+        return NoiseSchedule(1 - torch.cat([abar[:1], abar[1:] / abar[:-1]]))
+
+    @property
+    def terminal_snr_zero(self) -> bool:
+        return bool(self.alphas_cumprod[-1] == 0)
 
     def _table(self, name: str, device: torch.device) -> Tensor:
         """A float64 buffer on ``device`` (float32 where the device lacks float64, e.g. MPS), cached."""
@@ -122,10 +137,13 @@ class NoiseSchedule:
         return f"NoiseSchedule(num_timesteps={self.num_timesteps}, betas={first:.3g}..{last:.3g})"
 
 
-def make_schedule(name: ScheduleName, num_timesteps: int = 1000) -> NoiseSchedule:
-    """The schedule a config names: ``"linear"`` (DDPM) or ``"cosine"`` (improved DDPM)."""
+def make_schedule(name: ScheduleName, num_timesteps: int = 1000, zero_terminal_snr: bool = False) -> NoiseSchedule:
+    """The schedule a config names: ``"linear"`` (DDPM) or ``"cosine"`` (improved DDPM), optionally rescaled to
+    zero terminal SNR (:meth:`NoiseSchedule.zero_terminal_snr`)."""
     if name == "linear":
-        return NoiseSchedule.linear(num_timesteps)
-    if name == "cosine":
-        return NoiseSchedule.cosine(num_timesteps)
-    raise UserError(f"unknown noise schedule {name!r}; set `schedule` to 'linear' or 'cosine'")
+        schedule = NoiseSchedule.linear(num_timesteps)
+    elif name == "cosine":
+        schedule = NoiseSchedule.cosine(num_timesteps)
+    else:
+        raise UserError(f"unknown noise schedule {name!r}; set `schedule` to 'linear' or 'cosine'")
+    return schedule.zero_terminal_snr() if zero_terminal_snr else schedule

@@ -3,7 +3,7 @@
 A model plugs in by what it can do, not by its class:
 - `reconstruct(images) -> images` (all in [-1, 1]): reconstruction metrics (PSNR, SSIM, LPIPS) and the Fréchet /
   kernel distance of reconstructions to the real images;
-- `generate(captions=..., labels=..., lowres=..., num_samples=..., seed=...) -> images` (the denoiser): one
+- `generate(captions=..., labels=..., lowres=..., num_samples=..., seed=..., first_index=...) -> images` (the denoiser): one
   sample per real caption (or label), Fréchet / kernel distance to the real images and the CLIP score of the
   samples against their captions.
 Every metric is a torchmetrics `Metric` updated outside autocast and computed on every rank.
@@ -150,13 +150,14 @@ def run_evaluation(
     generate_options: dict[str, Any] | None = None,
 ) -> int:
     """Feed up to `samples_per_rank` real images (and what the model makes of them) to `evaluator`; returns the
-    number of images this rank scored. Generation seeds differ per (batch, rank), so ranks draw distinct samples;
-    `generate_options` (guidance, sampler, steps) go to `model.generate`.
+    number of images this rank scored. Generated sample i of rank r draws from the per-sample stream of index
+    `r * samples_per_rank + i` (`diffusion/seeding.py`): the same images whatever the batch size;
+    `generate_options` (guidance, sampler, steps, ...) go to `model.generate`.
     """
     task = model_task(model)
     device = next(model.parameters()).device
     seen = 0
-    for index, batch in enumerate(batches):
+    for batch in batches:
         take = min(samples_per_rank - seen, batch["image"].shape[0])
         batch = {k: v[:take] for k, v in batch.items()}
         real = batch["image"].to(device)
@@ -166,7 +167,8 @@ def run_evaluation(
             else:
                 inputs = {k: v.to(device) if isinstance(v, Tensor) else v
                           for k, v in generation_inputs(model, {**batch, "image": real}).items()}
-                produced = model.generate(**inputs, **(generate_options or {}), seed=seed + 1_000_003 * rank + index)
+                produced = model.generate(**inputs, **(generate_options or {}), seed=seed,
+                                          first_index=rank * samples_per_rank + seen)
         captions = list(batch["caption"]) if "caption" in batch else None
         evaluator.update(real, produced, captions)
         seen += take
