@@ -92,7 +92,8 @@ class ShardDataModule(LightningDataModule):
     base name. mode: "exhaustive" epochs (needs sample counts: manifest.json or tar listing) or "resampled"
     (`samples_per_epoch` for all ranks together). shuffle_buffer: samples held for shuffling (0: none).
     random_flip: horizontal flips (off by default: captions may say "facing right"). max_*: per-sample limits;
-    larger samples are skipped and counted.
+    larger samples are skipped and counted. label_field / label_classes: derive the `label` from a json metadata
+    entry, its index in `label_classes` (e.g. `style` with [3d, flat]); a sample without one is skipped and counted.
 
     Validation is unshuffled and split into contiguous, equal runs of full batches per rank; the last
     `total % (world * val_batch_size)` samples are not evaluated (reported in `dropped_per_epoch`), so no rank
@@ -124,6 +125,8 @@ class ShardDataModule(LightningDataModule):
         persistent_workers: bool = True,
         pin_memory: bool | None = None,
         prefetch_factor: int | None = None,
+        label_field: str | None = None,
+        label_classes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         for key, value, example in (("image_size", image_size, 64), ("batch_size", batch_size, 32)):
@@ -156,6 +159,10 @@ class ShardDataModule(LightningDataModule):
                 )
         if not image_keys and not tensor_keys:
             raise UserError("data.image_keys and data.tensor_keys are both empty; name the entries to load, e.g. image_keys: [png]")
+        labels_given = label_field is not None or bool(label_classes)
+        if labels_given and (not label_field or isinstance(label_classes, str) or len(set(label_classes)) < 2):
+            raise UserError("data.label_field and data.label_classes go together: a json metadata key and at least two "
+                            "distinct values, e.g. label_field: style, label_classes: [3d, flat]")
         check_pipe_policy(train_urls, "data.train_urls", allow_pipe_urls)
         check_pipe_policy(val_urls, "data.val_urls", allow_pipe_urls)
         self.train_urls, self.val_urls = train_urls, val_urls
@@ -167,7 +174,8 @@ class ShardDataModule(LightningDataModule):
         self.decoder = SampleDecoder(
             image_size=image_size, image_keys=image_keys, caption_key=caption_key.lower(),
             require_caption=require_caption, tensor_keys=tensor_keys, max_image_pixels=max_image_pixels,
-            max_image_bytes=max_image_bytes, max_caption_bytes=max_caption_bytes,
+            max_image_bytes=max_image_bytes, max_caption_bytes=max_caption_bytes, label_field=label_field,
+            label_classes=tuple(label_classes),
         )
         self.tallies: dict[str, SkipTally] = {}
         self.dropped_per_epoch: dict[str, int] = {}

@@ -102,7 +102,9 @@ def load_tensor(data: bytes, entry: str) -> torch.Tensor:
     return tensor.float() if tensor.is_floating_point() else tensor
 
 
-def _label(sample: dict[str, Any]) -> int | None:
+def _label(sample: dict[str, Any], field: str | None = None, classes: tuple[str, ...] = ()) -> int | None:
+    if field is not None:
+        return _derived_label(sample, field, classes)
     if "json" in sample:
         meta = json.loads(sample["json"])
         label = meta.get("label") if isinstance(meta, dict) else None
@@ -111,6 +113,17 @@ def _label(sample: dict[str, Any]) -> int | None:
     if "cls" in sample:
         return _int64_label(int(sample["cls"].decode("utf-8").strip()))
     return None
+
+
+def _derived_label(sample: dict[str, Any], field: str, classes: tuple[str, ...]) -> int:
+    """The index in `classes` of the sample's json metadata entry `field` (e.g. style "3d" -> 0, "flat" -> 1)."""
+    meta = json.loads(sample["json"]) if "json" in sample else None
+    if not isinstance(meta, dict) or field not in meta:
+        raise CorruptSample(f"no json metadata entry {field!r} (data.label_field) to derive the label from")
+    value = meta[field]
+    if not isinstance(value, str) or value not in classes:
+        raise CorruptSample(f"json {field} = {value!r} is not one of data.label_classes {list(classes)}")
+    return classes.index(value)
 
 
 def _int64_label(label: int) -> int:
@@ -131,12 +144,15 @@ class SampleDecoder:
     max_image_pixels: int | None = None
     max_image_bytes: int | None = None
     max_caption_bytes: int | None = None
+    label_field: str | None = None
+    label_classes: tuple[str, ...] = ()
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         duplicates = sorted(key.split("__.", 1)[-1] for key in sample if key.startswith(DUPLICATE_MARK))
         if duplicates:
             raise CorruptSample(f"the shard holds the entry {duplicates[0]!r} of this sample more than once")
-        out: dict[str, Any] = {"key": sample["__key__"], "label": _label(sample)}
+        label = _label(sample, self.label_field, self.label_classes)
+        out: dict[str, Any] = {"key": sample["__key__"], "label": label}
         if self.image_keys:
             found = next((key for key in self.image_keys if key in sample), None)
             if found is None:

@@ -28,7 +28,8 @@ def draws(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-NOISE, TIMES = draws((SAMPLES, 3, 16, 16), 1), torch.randint(0, 1000, (SAMPLES,), generator=torch.Generator().manual_seed(2))
+NOISE, TIMES = draws((SAMPLES, 3, 16, 16), 1), torch.randint(0, 1000, (SAMPLES,),
+                                                               generator=torch.Generator().manual_seed(2))
 LATENT_NOISE = draws((SAMPLES, 4, 8, 8), 3)
 
 

@@ -48,6 +48,7 @@ def assert_plain_keys(eager: Any, compiled: Any) -> None:
     assert not any("_orig_mod" in key for key in compiled.state_dict())
 
 
+@pytest.mark.slow  # graph capture: 10-30 s each on this 2-core machine
 def test_denoiser_compiled_matches_eager_and_fits_and_resumes(tmp_path: Path) -> None:
     eager, compiled = pair(Denoiser, conditioning="class", num_classes=4, **TINY_UNET)
     batch = fixed_batch(4)
@@ -68,6 +69,7 @@ def test_denoiser_compiled_matches_eager_and_fits_and_resumes(tmp_path: Path) ->
     assert fit(compiled, loader(batch, 4), 3, tmp_path, ckpt_path=str(checkpoint)).global_step == 3
 
 
+@pytest.mark.slow  # graph capture: 10-30 s each on this 2-core machine
 def test_vae_gan_compiled_matches_eager_and_trains_through_the_adaptive_weight(tmp_path: Path) -> None:
     eager, compiled = pair(VAEGAN, **TINY_VAE)
     x = fixed_batch(4)["image"]
@@ -85,6 +87,7 @@ def test_vae_gan_compiled_matches_eager_and_trains_through_the_adaptive_weight(t
     assert frozen.encoder._compiled_call_impl is None and compiled.encoder._compiled_call_impl is not None
 
 
+@pytest.mark.slow  # graph capture: 10-30 s each on this 2-core machine
 def test_clip_compiled_towers_match_eager(tmp_path: Path) -> None:
     eager, compiled = pair(CLIPModule, model_name="ld-tiny-vit", image_size=16)
     batch = fixed_batch(4)

@@ -32,7 +32,7 @@ def fixed_loss(model: Denoiser, batch: dict) -> float:
         generator = torch.Generator().manual_seed(123)
         losses = [model.loss_at(x0, torch.randn(x0.shape, generator=generator),
                                 torch.full((x0.shape[0],), t), condition, weighted=False)
-                  for t in model.fixed_times().tolist()]
+                  for t in model.objective.fixed_times(model.hparams.val_timesteps).tolist()]
     return torch.stack(losses).mean().item()
 
 

@@ -142,7 +142,7 @@ def test_encode_latents_stores_latents_of_a_folder_and_records_its_hash(tmp_path
     assert (options["latent_scale"], options["latent_shift"], options["latent_shape"]) == (0.5, pytest.approx(0.1),
                                                                                            [4, 8, 8])
     urls = [str(p) for p in sorted((tmp_path / "latents").glob("train-*.tar"))]
-    check = dict(latent_shape=(4, 8, 8), clip_checkpoint=None, text_encoder=None, sha256=autoencoder_sha256)
+    check = dict(latent_shape=(4, 8, 8), text_encoder=None, sha256=autoencoder_sha256)
     check_pre_encoded(urls, ["latent.npy"], vae_checkpoint=str(tmp_path / "vae"), **check)
     tiny_autoencoder_kl(tmp_path / "other", seed=1)
     with pytest.raises(UserError, match="encoded with another autoencoder"):

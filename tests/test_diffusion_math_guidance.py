@@ -162,3 +162,35 @@ def test_dynamic_threshold_matches_diffusers() -> None:
     assert dynamic_threshold(x0).abs().max() <= 1
     with pytest.raises(UserError, match="percentile"):
         dynamic_threshold(x0, 99.5)
+
+
+def test_classifier_guided_edm_denoiser_gives_the_class_conditional_denoiser() -> None:
+    """The same identity for a network that returns x0_hat given sigma (``x = x0 + sigma eps``): the unconditional
+    mixture denoiser guided at scale 1 by the exact noisy classifier is the class-y denoiser c_y + S^2 (x - c_y) /
+    (S^2 + sigma^2)."""
+    from lightning_diffusion.diffusion.guidance import classifier_guided
+
+    y = torch.tensor([0, 1, 1, 0])
+
+    def log_densities(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        var = (S**2 + sigma**2).view(-1, 1)
+        squared = ((x[:, None, :] - CENTRES.to(x)) ** 2).sum(-1)
+        return -0.5 * squared / var - x.shape[1] / 2 * torch.log(2 * math.pi * var)
+
+    def unconditional(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(log_densities(x, sigma), 1)  # p(y | x)
+        var = (S**2 + sigma**2).view(-1, 1, 1)
+        per_class = CENTRES.to(x) + S**2 / var * (x[:, None, :] - CENTRES.to(x))
+        return (weights[..., None] * per_class).sum(1)
+
+    def log_prob(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        log_joint = log_densities(x, sigma)
+        return (log_joint - torch.logsumexp(log_joint, 1, keepdim=True)).gather(1, y[:, None]).squeeze(1)
+
+    guided = classifier_guided(SamplingDenoiser(unconditional, "edm"), log_prob, 1.0)
+    x = 3 * torch.randn(4, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for sigma in (0.05, 0.5, 2.0, 20.0):
+        with torch.no_grad():
+            x0 = guided(x, sigma)
+        expected = CENTRES[y] + S**2 / (S**2 + sigma**2) * (x - CENTRES[y])
+        torch.testing.assert_close(x0, expected, rtol=0, atol=1e-10)

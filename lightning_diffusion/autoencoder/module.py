@@ -10,16 +10,14 @@ discriminator's parameters are frozen while it scores reconstructions for `L_G`,
 reconstructions, so each loss reaches only its own network. One backward per step keeps DDP's reducer happy with
 the default `find_unused_parameters=False`: before `disc_start` the discriminator's parameters enter the graph with
 weight zero, so they are reduced (as zeros) but never stepped. The discriminator's step is not counted in
-`global_step`, which stays one per batch (`max_steps`, `disc_start` and logging intervals count batches). Under `16-mixed` Lightning updates the loss scale
-after each optimiser step, so the second step of a step where the scale changed sees gradients off by the factor
-2 (Adam barely notices); `bf16-mixed` has no scale and is the preset.
+`global_step`, which counts the autoencoder's steps (`max_steps`, `disc_start`). Under `16-mixed` Lightning
+updates the loss scale after each optimiser step, so the second step of a step where the scale changed sees
+gradients off by the factor 2 (Adam barely notices); `bf16-mixed` has no scale and is the preset.
 
-Gradient accumulation (`accumulate_grad_batches: N`, the model's own: Lightning's applies to automatic optimisation
-only) scales each batch's loss by 1/N and steps both optimisers every N batches (and at an epoch's last batch), so
-`global_step`, `disc_start` and the latent-scale window count optimiser steps, as under Lightning's accumulation.
-Every term is a batch mean, so N batches of B give the gradients of one batch of N*B, except the adaptive weight
-`lambda`, computed from each batch's own gradients (as each DDP rank computes it from its local ones), and the
-discriminator's batch-norm statistics.
+`accumulate_grad_batches: N` (the model's own: Lightning's is for automatic optimisation) steps both optimisers
+every N batches (`training/accumulation.py`); the latent-scale window's slots are steps. N batches of B give the
+gradients of one batch of N*B except for `lambda` (per batch, as per rank under DDP) and the discriminator's
+batch norm.
 
 `latent_scale` (a buffer, saved in checkpoints) is `1 / std` of the posterior samples over the last
 `latent_scale_batches` training batches of all ranks, updated every step: any checkpoint, the final one included,
@@ -53,6 +51,7 @@ from lightning_diffusion.autoencoder.networks import Decoder, DownsamplePadding,
 from lightning_diffusion.autoencoder.perceptual import PerceptualName, check_perceptual, log_name, make_perceptual
 from lightning_diffusion.autoencoder.validation import ReconstructionMetrics
 from lightning_diffusion.errors import UserError, check_betas, check_fraction, check_positive
+from lightning_diffusion.training.accumulation import ManualAccumulation
 from lightning_diffusion.training.compile import maybe_compile
 from lightning_diffusion.training.nonfinite import NonFiniteLossError  # noqa: F401 - re-exported (raised by training_step)
 from lightning_diffusion.training.nonfinite import NonFiniteGuard, NonFiniteMode, check_finite_weights
@@ -161,7 +160,7 @@ class VAEGAN(LatentScaling, LightningModule):
                                    decoder_num_blocks or num_blocks, latent_channels, mid_attention, dropout)
         self.discriminator = PatchDiscriminator(in_channels, disc_channels, disc_layers)
         maybe_compile(compile, [self.encoder, self.decoder, self.discriminator], compile_backend, compile_mode)
-        self._window_skipped = False  # a batch of the current accumulation window had a skipped (non-finite) loss
+        self.accumulation = ManualAccumulation(accumulate_grad_batches)
         self.register_buffer("latent_scale", torch.tensor(1.0))
         # per training step [sum z, sum z^2, count] over all ranks, a ring of the last `latent_scale_batches` steps
         self.register_buffer("latent_window", torch.zeros(latent_scale_batches, 3, dtype=torch.float64))
@@ -302,28 +301,12 @@ class VAEGAN(LatentScaling, LightningModule):
         else:  # zero-weighted: the discriminator's gradients exist (DDP reduces every parameter) but stay zero
             total = loss_ae + 0.0 * sum(p.sum() for p in self.discriminator.parameters())
         terms["loss"] = loss_ae
-        accumulate = self.hparams.accumulate_grad_batches
-        skip = self._check_finite_and_track_latents(terms, z, first=batch_idx % accumulate == 0)
+        skip = self._check_finite_and_track_latents(terms, z, first=self.accumulation.starts(batch_idx))
         self.nonfinite.log_count(self, x.shape[0])
-        self._window_skipped |= skip
-        if not skip:
-            self.manual_backward(total / accumulate)
+        if self.accumulation.backward(self, total, skip):
             self._log_terms(terms, x.shape[0])
-        if (batch_idx + 1) % accumulate == 0 or self.trainer.is_last_batch:
-            self._step_optimizers(opt_ae, opt_disc, gan)
-
-    def _step_optimizers(self, opt_ae: Any, opt_disc: Any, gan: bool) -> None:
-        """The end of an accumulation window: step both optimisers (a window with a skipped batch steps with no
-        gradients, so Adam leaves every weight as it is and global_step still counts it), then clear the gradients."""
-        if self._window_skipped:
-            opt_ae.zero_grad(set_to_none=True)
-            opt_disc.zero_grad(set_to_none=True)
-        opt_ae.step()
-        if gan and not self._window_skipped:  # via the strategy (precision, clipping hook) but not counted
-            self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None, model=self)
-        opt_ae.zero_grad(set_to_none=True)
-        opt_disc.zero_grad(set_to_none=True)
-        self._window_skipped = False
+        if self.accumulation.ends(self, batch_idx):
+            self.accumulation.step(self, opt_ae, [opt_disc], step_others=gan)
 
     def _log_terms(self, terms: dict[str, Tensor], batch_size: int) -> None:
         self.log_dict({f"train/{name}": value.detach() for name, value in self._named(terms).items()},

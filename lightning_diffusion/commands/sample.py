@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lightning_diffusion.classifier.guidance import check_pair, guidance_wrapper
+from lightning_diffusion.classifier.module import NoisyClassifier
 from lightning_diffusion.training.checkpoints import check_checkpoint_class, load_checkpoint
 from lightning_diffusion.diffusion.conditioning import downsample_for_lowres
 from lightning_diffusion.diffusion.grids import image_grid, save_png, to_uint8
@@ -33,11 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=None,
                         help="text prompt; repeat for several rows (text-conditioned models)")
     parser.add_argument("--label", type=nonnegative_int, action="append", default=None,
-                        help="class label; repeat for several rows (class-conditioned models)")
+                        help="class label; repeat for several rows (class-conditioned models, or --classifier)")
     parser.add_argument("--lowres", default=None, help="low-resolution image to upscale (super-resolution models)")
     parser.add_argument("--guidance", type=finite_float, nargs="+", default=None,
                         help="classifier-free guidance weight(s) w: uncond + w (cond - uncond); 1 = no guidance "
                              "(default: the model's validation guidance)")
+    parser.add_argument("--classifier", default=None,
+                        help="noisy-image classifier checkpoint (configs/classifier/) steering samples to --label")
+    parser.add_argument("--classifier-scale", type=finite_float, default=1.0,
+                        help="classifier guidance scale s: eps - s sqrt(1 - abar_t) grad log p(label | x_t) (default 1)")
     add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--n", type=positive_int, default=16, help="samples per row")
@@ -98,7 +104,9 @@ def _rows(args: argparse.Namespace, model: Denoiser) -> list[dict]:
     if args.prompt is not None and "text" not in kinds:
         raise UserError(f"--prompt given, but this model's conditioning is {model.hparams.conditioning!r}: "
                         "leave out --prompt")
-    if args.label is not None and "class" not in kinds:
+    if args.classifier is not None and not args.label:
+        raise UserError("--classifier steers samples towards a class: give at least one --label")
+    if args.label is not None and "class" not in kinds and args.classifier is None:
         raise UserError(f"--label given, but this model's conditioning is {model.hparams.conditioning!r}: "
                         "leave out --label")
     if "text" in kinds and not args.prompt:
@@ -135,15 +143,20 @@ def run(args: argparse.Namespace) -> int:
                           "cpu" if args.device == "auto" else args.device)
     model.to(device)
     lowres = _load_lowres(args.lowres, model.hparams.lowres_size) if "lowres" in model.kinds else None
+    classifier = NoisyClassifier.load_frozen(args.classifier) if args.classifier else None
+    if classifier is not None:
+        check_pair(model, classifier)
 
     singles = out.with_suffix("")
     images, captions = [], []
     for row in rows:
+        guide = guidance_wrapper(model, classifier, [row["label"]] * args.n, args.classifier_scale) if classifier else None
         images.append(model.generate(
             [row["prompt"]] * args.n if "prompt" in row else None,
-            [row["label"]] * args.n if "label" in row else None,
+            [row["label"]] * args.n if "label" in row and "class" in model.kinds else None,
             lowres.expand(args.n, -1, -1, -1) if lowres is not None else None,
-            num_samples=args.n, guidance=row["guidance"], seed=args.seed, progress=True, **options,
+            num_samples=args.n, guidance=row["guidance"], seed=args.seed, progress=True, model_wrapper=guide,
+            **options,
         ))
         condition = f"prompt={row['prompt']!r}" if "prompt" in row else f"label={row['label']}" if "label" in row else ""
         captions.append(f"row {len(captions)}: {condition} guidance={row['guidance']:g}".replace(":  ", ": "))
@@ -152,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or model.hparams.val_steps
     extra = "".join(f" {key}={value}" for key, value in options.items() if key not in ("sampler", "steps"))
     header = f"{args.ckpt} sampler={sampler} steps={steps}{extra} seed={args.seed} n={args.n}"
+    if classifier is not None:
+        header += f" classifier={args.classifier} classifier_scale={args.classifier_scale:g}"
     # everything goes to temporary names first: a full disk or an interrupt leaves the previous outputs intact
     with atomic_output(singles) as folder, atomic_output(out) as grid, atomic_output(out.with_suffix(".txt")) as text:
         folder.mkdir()

@@ -33,7 +33,7 @@ def log_grid(logger: object, key: str, grid: Tensor, step: int, caption: str | N
     if logger is None:
         return
     if hasattr(logger, "log_image"):  # WandbLogger
-        logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=step,
-                         caption=[caption] if caption else None)
+        extra = {"caption": [caption]} if caption else {}  # WandbLogger checks len() of every keyword it gets
+        logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=step, **extra)
     elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
         logger.experiment.add_image(key, grid, global_step=step)

@@ -3,7 +3,8 @@
 One training step: data ``x0`` (pixels, or scaled latents of the frozen VAE-GAN / diffusers VAE), a condition
 (frozen text-encoder states, a class label, a low-res copy of the image), classifier-free dropping of the
 condition to the null condition with probability ``p_uncond``, then the objective's regression loss
-(``eps``/``v``/``x0`` under a VP schedule, or rectified-flow velocity). Sampling lives in :meth:`generate`, which
+(``eps``/``v``/``x0`` under a VP schedule, rectified-flow velocity, or EDM's preconditioned x0 with its noise
+levels and weighting; ``training_objective.py``). Sampling lives in :meth:`generate`, which
 validation grids, the ``sample`` command and the metrics share. EMA of the weights is Lightning's
 ``EMAWeightAveraging`` callback (added by :meth:`configure_callbacks`): validation and checkpoints' ``state_dict``
 use the averaged weights; the raw ones are kept under ``current_model_state``.
@@ -26,12 +27,10 @@ from lightning_diffusion.diffusion.conditioning import (
 )
 from lightning_diffusion.diffusion.frozen import Frozen, load_text_encoder, load_vae
 from lightning_diffusion.diffusion.grids import image_grid, log_grid, save_png
-from lightning_diffusion.diffusion.objectives import (
-    diffusion_loss, flow_interpolate, flow_velocity_target, min_snr_weight, sample_flow_time, training_target,
-)
 from lightning_diffusion.diffusion.sampling import SamplerName, check_options
 from lightning_diffusion.diffusion.sampling import generate as generate_samples
 from lightning_diffusion.diffusion.pre_encoded import check_pre_encoded, check_stored_tokens, stored_text_states
+from lightning_diffusion.diffusion.training_objective import LossWeighting, NoiseSampling, Objective, TrainingObjective
 from lightning_diffusion.diffusion.schedules import ScheduleName, make_schedule
 from lightning_diffusion.diffusion.unet import UNet
 from lightning_diffusion.errors import UserError
@@ -42,13 +41,12 @@ from lightning_diffusion.training.nonfinite import (
 )
 from lightning_diffusion.training.optim import decay_groups
 
-Objective = Literal["eps", "v", "x0", "flow"]
 DEFAULT_HELDOUT_PROMPTS = ("a 3D rendered emoji of fox", "a flat vector emoji of fox")  # val-split concepts
 DEFAULT_TRAIN_PROMPTS = ("a 3D rendered emoji of red apple", "a flat vector emoji of red apple")
 
 
 class Denoiser(LightningModule):
-    """A U-Net denoiser trained with one of four objectives; see the module docstring."""
+    """A U-Net denoiser trained with one of five objectives; see the module docstring."""
 
     def __init__(
         self,
@@ -59,6 +57,11 @@ class Denoiser(LightningModule):
         num_timesteps: int = 1000,
         zero_terminal_snr: bool = False,
         min_snr_gamma: float | None = None,
+        noise_sampling: NoiseSampling | None = None,
+        loss_weighting: LossWeighting | None = None,
+        noise_mean: float | None = None,
+        noise_std: float | None = None,
+        sigma_data: float = 0.5,
         space: Literal["pixel", "latent"] = "pixel",
         vae_checkpoint: str | None = None,
         conditioning: Conditioning = "text",
@@ -111,6 +114,8 @@ class Denoiser(LightningModule):
             raise UserError(f"model.zero_terminal_snr needs model.objective v (or x0): at zero SNR the input is pure "
                             f"noise, so {objective!r} has nothing to predict")
         self.schedule = make_schedule(schedule, num_timesteps, zero_terminal_snr)
+        self.objective = TrainingObjective(objective, self.schedule, noise_sampling, loss_weighting, min_snr_gamma,
+                                           noise_mean, noise_std, sigma_data)
 
         self._vae = Frozen(load_vae(vae_checkpoint)) if space == "latent" else None
         self._text_encoder = Frozen(load_text_encoder(self.hparams)) if "text" in self.kinds else None
@@ -146,9 +151,8 @@ class Denoiser(LightningModule):
 
     # ---------------------------------------------------------------- network, data and conditions
     def forward(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
-        """The U-Net's prediction; flow time in [0, 1] is scaled to [0, 1000] like the VP timesteps."""
-        t = t.float() * 1000 if self.hparams.objective == "flow" else t.float()
-        return self.unet(x_t, t, **condition)
+        """The prediction at time ``t`` (VP step, flow time, or EDM sigma), see ``training_objective.py``."""
+        return self.objective.predict(self.unet, x_t, t, condition)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, sample: bool = True) -> Tensor:
@@ -243,17 +247,8 @@ class Denoiser(LightningModule):
         return mask.to(self.device)
 
     def loss_at(self, x0: Tensor, noise: Tensor, t: Tensor, condition: Condition, weighted: bool = True) -> Tensor:
-        """The objective's loss for data ``x0``, noise and times ``t`` (integer steps, or flow time in [0, 1])."""
-        hp = self.hparams
-        if hp.objective == "flow":
-            x_t, target, weight = flow_interpolate(noise, x0, t), flow_velocity_target(noise, x0), None
-        else:
-            x_t = self.schedule.add_noise(x0, noise, t)
-            target = training_target(hp.objective, x0, noise, self.schedule, t)
-            weight = None
-            if weighted and hp.min_snr_gamma:
-                weight = min_snr_weight(self.schedule, t, hp.min_snr_gamma, hp.objective)
-        return diffusion_loss(self(x_t, t, condition), target, weight)
+        """The objective's loss for data ``x0``, noise and times ``t`` (VP steps, flow times or EDM sigmas)."""
+        return self.objective.loss(lambda x_t, t_: self(x_t, t_, condition), x0, noise, t, weighted)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.nonfinite.remember_norm_stats(self)
@@ -261,10 +256,7 @@ class Denoiser(LightningModule):
         condition = self.batch_condition(batch)
         if self.guidable:  # also at p_uncond 0: the null parameters stay in the graph, as plain DDP requires
             condition = self.null.drop(condition, self.drop_mask(x0.shape[0], batch_idx))
-        if self.hparams.objective == "flow":
-            t = sample_flow_time(x0.shape[0], None, self.device)
-        else:
-            t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=self.device)
+        t = self.objective.sample_times(x0.shape[0], self.device)
         loss = self.loss_at(x0, torch.randn_like(x0), t, condition)
         skip = self.nonfinite.skip_step(any_rank_nonfinite(self, [loss]), self.global_step, f"loss={loss.item():.4g}")
         self.nonfinite.log_count(self, x0.shape[0])
@@ -297,24 +289,16 @@ class Denoiser(LightningModule):
         return [EMAWeightAveraging(decay=self.hparams.ema_decay, device=device)]
 
     # ---------------------------------------------------------------- validation
-    def fixed_times(self) -> Tensor:
-        """``val_timesteps`` evenly spread times (bin centres), the same in every run."""
-        centres = (torch.arange(self.hparams.val_timesteps, dtype=torch.float64) + 0.5) / self.hparams.val_timesteps
-        if self.hparams.objective == "flow":
-            return centres.float()
-        return (centres * self.schedule.num_timesteps).long()
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x0 = self.batch_x0(batch, sample=False)
         condition = self.batch_condition(batch)
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
         losses = []
-        for time in self.fixed_times().tolist():
+        for time in self.objective.fixed_times(self.hparams.val_timesteps).tolist():
             noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
             t = torch.full((x0.shape[0],), time, device=self.device)
             losses.append(self.loss_at(x0, noise, t, condition, weighted=False))
-            label = f"{time:.3f}" if self.hparams.objective == "flow" else str(time)
-            self.log(f"val/loss_t{label}", losses[-1], batch_size=x0.shape[0], sync_dist=True)
+            self.log(f"val/loss_t{self.objective.time_label(time)}", losses[-1], batch_size=x0.shape[0], sync_dist=True)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         if batch_idx == 0 and self._reference is None:
             n = self.hparams.samples_per_prompt * 2

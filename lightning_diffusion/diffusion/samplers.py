@@ -20,11 +20,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_diffusion.diffusion.denoisers import SamplingDenoiser
+from lightning_diffusion.diffusion.denoisers import NetworkFn, SamplingDenoiser
 from lightning_diffusion.diffusion.seeding import Generator, noise_like
 from lightning_diffusion.errors import UserError
 
 Callback = Callable[[int, Tensor, Tensor], None]
+ModelFn = NetworkFn  # a network callable ``(x_in, time) -> output``, what guidance wrappers take and return
 Variance = Literal["beta", "posterior"]
 
 

@@ -24,3 +24,42 @@ def check_accumulation(trainer: Any, model: Any) -> None:
         raise UserError(f"trainer.accumulate_grad_batches does not apply to {type(model).__name__} (manual "
                         f"optimisation): set model.init_args.accumulate_grad_batches: {count} and remove "
                         "trainer.accumulate_grad_batches")
+
+
+class ManualAccumulation:
+    """The accumulation window of a manually optimised module (the VAE-GAN): each batch's loss is divided by
+    ``count``, the optimisers step every ``count`` batches and at an epoch's last batch (as Lightning's automatic
+    accumulation does), and a window with a skipped (non-finite) batch steps with no gradients at all."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.skipped = False
+
+    def starts(self, batch_idx: int) -> bool:
+        return batch_idx % self.count == 0
+
+    def backward(self, module: Any, loss: Any, skip: bool) -> bool:
+        """Accumulate this batch's gradients unless it is skipped; True when it was."""
+        self.skipped |= skip
+        if not skip:
+            module.manual_backward(loss / self.count)
+        return not skip
+
+    def ends(self, module: Any, batch_idx: int) -> bool:
+        return (batch_idx + 1) % self.count == 0 or module.trainer.is_last_batch
+
+    def step(self, module: Any, counted: Any, others: list[Any], step_others: bool) -> None:
+        """Step ``counted`` (a LightningOptimizer: it counts ``global_step``) and, with ``step_others``, the others
+        through the strategy (precision plugin and clipping hook, not counted), then clear every gradient. A skipped
+        window steps with no gradients: Adam leaves every weight as it is, and ``global_step`` still counts it."""
+        optimizers = [counted, *others]
+        if self.skipped:
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+        counted.step()
+        if step_others and not self.skipped:
+            for optimizer in others:
+                module.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=module)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.skipped = False

@@ -14,6 +14,17 @@
   is imported, and checks the class against the expected one; anything else is refused.
 
 Every refusal and every unreadable file is a ``UserError`` with one line naming the file and the fix.
+
+Public API (what commands and loaders call):
+``load_checkpoint(path, what=, key=, mmap=False, allow_url=False)`` -> the loaded object;
+``check_checkpoint(path, what=, key=)`` -> path, vetted for a library's own loader;
+``check_safetensors_folder(folder, what=, key=)`` -> folder, before ``from_pretrained(..., use_safetensors=True)``;
+``resolve_model_class(class_path, expected=None, source=)`` -> a project model class, for class paths from files;
+``check_checkpoint_class(checkpoint, expected, path=, key=)`` -> refuses another model's checkpoint;
+``user_model_class(class_path, flag=)`` -> a LightningModule the user named on the command line;
+``register_model_class(class_path, role)`` -> lets files name another project model;
+``WeightsOnlyCheckpointIO`` / ``require_weights_only_io(trainer, allow_url)`` / ``check_ckpt_path(...)`` -> the
+Lightning side (the CLI uses them).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ batch, counted by ``torch.utils.flop_counter.FlopCounterMode`` around the first 
 and any frozen encoders it runs; every matmul/convolution/attention FLOP, nothing else), and the peak, taken from
 Lightning's table for the GPU and precision (``lightning.fabric.utilities.throughput.get_available_flops``) or
 given as ``peak_flops`` (a CPU, a GPU missing from the table; the table's H200 and H100 NVL entries are peaks with
-2:4 sparsity, twice the dense ones: pass the dense peak there, e.g. 9.89e14 for bf16 on H100/H200 SXM). Only training
-is measured: the time spent in validation is left out of the training rate. With gradient accumulation a "batch"
-is one micro-batch.
+2:4 sparsity, about twice the dense ones: pass the dense peak there, e.g. 9.89e14 for bf16 on H100/H200 SXM). Only
+training is measured: the time spent in validation is left out of the training rate. With gradient accumulation a
+"batch" is one micro-batch.
 
 Logged (every ``trainer.log_every_n_steps``, once ``window_size`` batches were seen): ``train/device/samples_per_sec``,
 ``train/device/batches_per_sec``, ``train/device/flops_per_sec``, ``train/device/mfu`` (with a peak) and, on several

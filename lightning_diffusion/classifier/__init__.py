@@ -1,0 +1,1 @@
+"""Noisy-image classifiers for classifier guidance (Dhariwal & Nichol 2021)."""
