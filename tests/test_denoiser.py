@@ -93,12 +93,17 @@ def test_ema_weights_differ_from_raw_and_are_used_for_validation_and_sampling(tm
     model = Denoiser(**TINY_UNET, conditioning="class", num_classes=3, val_labels=(0, 2), ema_decay=0.9, lr=1e-3)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=6)
     record = RecordWeights()
+    in_grids = []
+    draw_grids = model.validation_grids
+    model.validation_grids = lambda: in_grids.append(model.unet.out[2].weight.detach().clone()) or draw_grids()
     batch = fixed_batch()
     run = trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[saver, record], limit_val_batches=1,
                   val_check_interval=6)
     run.fit(model, loader(batch, 6), loader(batch, 1))
     assert not torch.allclose(record.raw, record.ema)
     torch.testing.assert_close(record.in_validation, record.ema)  # validation ran with the EMA weights
+    assert len(in_grids) == 1
+    torch.testing.assert_close(in_grids[0], record.ema)  # so did the sample grids
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain hyper-parameters and tensors only
     key = "unet.out.2.weight"
     torch.testing.assert_close(checkpoint["state_dict"][key], record.ema)  # state_dict holds the EMA weights

@@ -303,8 +303,13 @@ class Denoiser(LightningModule):
         if batch_idx == 0 and self._reference is None:
             n = self.hparams.samples_per_prompt * 2
             self._reference = {key: batch[key][:n] for key in ("image", "caption", "label") if key in batch}
+        if batch_idx == 0:
+            self.log_validation_grids()
 
-    def on_validation_epoch_end(self) -> None:
+    def log_validation_grids(self) -> None:
+        """Sample grids, drawn at the first validation batch: the EMA callback has swapped the averaged weights in
+        for the validation epoch and swaps them out again in its ``on_validation_epoch_end``, which Lightning calls
+        before the module's own."""
         due = self._grid_step is None or self.global_step - self._grid_step >= self.hparams.grid_every_n_steps
         if self.trainer.sanity_checking or not due or not self.trainer.is_global_zero:
             return
