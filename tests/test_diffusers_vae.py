@@ -42,7 +42,9 @@ def test_frozen_latents_and_decodings_equal_diffusers(tmp_path: Path, shift: flo
         torch.testing.assert_close(decoded, reference.decode(posterior.mean).sample, rtol=0, atol=1e-5)
 
 
-def test_bin_weights_load_weights_only_and_a_code_running_pickle_is_refused(tmp_path: Path) -> None:
+def test_bin_weights_load_weights_only_and_a_code_running_pickle_is_refused(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default would unpickle everything
     reference = tiny_autoencoder_kl(tmp_path / "vae", safe=False)
     assert (tmp_path / "vae" / "diffusion_pytorch_model.bin").is_file()
     x = images()

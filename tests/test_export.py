@@ -133,7 +133,10 @@ def test_a_failing_exporter_leaves_no_folder(tmp_path: Path, monkeypatch: pytest
     assert sorted(os.listdir(tmp_path)) == ["vae.ckpt"]
 
 
-def test_an_unsafe_checkpoint_is_refused_before_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unsafe_checkpoint_is_refused_before_export(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default would unpickle everything
+
     class RunsCode:
         def __reduce__(self) -> tuple:
             return os.system, (f"touch {tmp_path / 'marker'}",)

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from lightning_diffusion.cli import main
-from lightning_diffusion.commands.pipeline import (
-    STAGES, Pipeline, StageFailed, apply_override, checkpoint_callbacks, cli_value, load_preset,
-)
+from lightning_diffusion.commands.pipeline import Pipeline, StageFailed, checkpoint_callbacks, cli_value
+from lightning_diffusion.commands.pipeline_presets import STAGES, apply_override, load_preset
 from lightning_diffusion.errors import UserError
 
 
