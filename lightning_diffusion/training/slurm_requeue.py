@@ -60,8 +60,16 @@ class RequeueOnSignal(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._installed:
-            signal.signal(self.signum, self._previous)
+            # SIGUSR1's default action kills the process: a warning that comes after the last step (SLURM sends it
+            # up to a minute early) would turn a run that is saving its last checkpoint or syncing W&B into a failed
+            # job. With nothing left to save, it is only logged.
+            default = self._previous in (signal.SIG_DFL, None)
+            signal.signal(self.signum, _after_training if default else self._previous)
             self._installed = False
+
+
+def _after_training(signum: int, frame: FrameType | None) -> None:
+    log.warning(f"{signal.Signals(signum).name} received after training ended: nothing to save or requeue")
 
 
 def slurm_job_key() -> str:
