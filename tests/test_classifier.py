@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from denoiser_support import TINY_UNET, loader, one_thread, trainer
+from denoiser_support import TINY_UNET, loader, one_thread, trainer, use_toy_text_encoder
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
@@ -142,6 +142,27 @@ def test_sample_command_guides_an_unconditional_denoiser(trained: dict[str, Path
     assert accuracy["0"] == 0.5 and accuracy["20"] >= 0.8, accuracy
 
 
+def test_sample_command_steers_a_text_denoiser_with_a_classifier(trained: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts and labels together: one grid row per (prompt, label) pair, each row steered towards its label."""
+    use_toy_text_encoder(monkeypatch)
+    torch.manual_seed(0)
+    denoiser = Denoiser(**{**TINY_UNET, "num_timesteps": 100, "conditioning": "text", "ema_decay": None})
+    saver = ModelCheckpoint(dirpath=tmp_path / "text", save_last=True, every_n_train_steps=1)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[saver]).fit(
+        denoiser, loader(bright_dark_batch(), 1))
+    out = tmp_path / "steered.png"
+    args = ["sample", "--ckpt", str(tmp_path / "text" / "last.ckpt"), "--classifier", str(trained["classifier"]),
+            "--label", "0", "--label", "1", "--prompt", "a cat", "--prompt", "a dog", "--n", "2", "--steps", "4",
+            "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    rows = [line for line in out.with_suffix(".txt").read_text().splitlines() if line.startswith("row ")]
+    assert [row.split(" guidance")[0] for row in rows] == [
+        "row 0: prompt='a cat' label=0", "row 1: prompt='a cat' label=1",
+        "row 2: prompt='a dog' label=0", "row 3: prompt='a dog' label=1"], rows
+    assert len(list(out.with_suffix("").glob("row03_*.png"))) == 2
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--classifier", "CLF"], "--classifier steers samples towards a class: give at least one --label"),
     (["--classifier", "CLF", "--label", "5"], "--label must be in [0, 2)"),
@@ -162,6 +183,7 @@ def test_bad_classifier_input_is_a_one_line_user_error(trained: dict[str, Path],
     (dict(objective="flow", val_sampler="euler"), "objective is 'flow'"),
     (dict(schedule="linear"), "cosine schedule with 100 steps"),
     (dict(image_size=32), "train the classifier at the denoiser's model.image_size"),
+    (dict(objective="v", zero_terminal_snr=True), "zero-terminal-SNR"),
 ])
 def test_classifier_must_read_the_denoisers_noisy_samples(trained: dict[str, Path], denoiser_args: dict,
                                                           message: str) -> None:

@@ -28,6 +28,9 @@ def check_pair(denoiser: Denoiser, classifier: NoisyClassifier) -> None:
         raise UserError(f"--classifier was trained on the {ch.schedule} schedule with {ch.num_timesteps} steps, the "
                         f"denoiser on {dh.schedule} with {dh.num_timesteps}: train the classifier with the denoiser's "
                         "model.schedule and model.num_timesteps")
+    if dh.get("zero_terminal_snr") and not ch.get("zero_terminal_snr"):
+        raise UserError("--classifier was trained on the plain schedule, the denoiser on its zero-terminal-SNR rescaling "
+                        "(model.zero_terminal_snr): their noisy samples differ; guide a denoiser without it")
     if (dh.space, dh.vae_checkpoint if dh.space == "latent" else None) != (ch.space, ch.vae_checkpoint):
         raise UserError(f"--classifier reads {ch.space} inputs (vae {ch.vae_checkpoint}), the denoiser samples "
                         f"{dh.space} ones (vae {dh.vae_checkpoint}): train the classifier with the denoiser's "

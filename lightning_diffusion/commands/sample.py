@@ -120,8 +120,10 @@ def _rows(args: argparse.Namespace, model: Denoiser) -> list[dict]:
         raise UserError("this model is a super-resolution stage: give --lowres IMAGE")
     if any(not prompt.strip() for prompt in args.prompt or []):
         raise UserError("--prompt is empty: give the text to draw, e.g. --prompt 'a 3D rendered emoji of koala'")
-    conditions = [{"prompt": p} for p in args.prompt] if args.prompt else [{"label": k} for k in args.label or []]
-    return [{**condition, "guidance": g} for condition in (conditions or [{}])
+    prompts = [{"prompt": p} for p in args.prompt or []] or [{}]
+    labels = [{"label": k} for k in args.label or []] or [{}]
+    conditions = [{**p, **k} for p in prompts for k in labels]  # a text model steered by a classifier: both
+    return [{**condition, "guidance": g} for condition in conditions
             for g in (args.guidance or [model.val_guidance])]
 
 
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             num_samples=args.n, guidance=row["guidance"], seed=args.seed, progress=True, model_wrapper=guide,
             **options,
         ))
-        condition = f"prompt={row['prompt']!r}" if "prompt" in row else f"label={row['label']}" if "label" in row else ""
+        condition = " ".join(f"{key}={row[key]!r}" for key in ("prompt", "label") if key in row)
         captions.append(f"row {len(captions)}: {condition} guidance={row['guidance']:g}".replace(":  ", ": "))
     columns = math.ceil(math.sqrt(args.n)) if len(rows) == 1 else args.n
     sampler = args.sampler or model.hparams.val_sampler
