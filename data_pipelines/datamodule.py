@@ -210,6 +210,10 @@ class ShardDataModule(LightningDataModule):
         self._epoch = epoch
 
     def setup(self, stage: str) -> None:
+        if self.trainer is not None:  # `Trainer.fit(model, datamodule)` from Python; the CLI checked it before
+            from lightning_diffusion.training.consistency import check_model_matches_data
+
+            check_model_matches_data(self.trainer.lightning_module, self)
         if stage == "fit":
             self._shards("train")
         if stage in ("fit", "validate") and self.val_urls is not None:

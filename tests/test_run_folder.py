@@ -139,6 +139,22 @@ def test_model_and_data_image_size_must_agree(
     assert "image_size" not in err and "none-*.tar" in err, err
 
 
+def test_image_sizes_are_checked_in_setup_for_python_fits(tmp_path: Path) -> None:
+    """`Trainer.fit(model, datamodule)` without the CLI: the DataModule's setup refuses the mismatch before a step."""
+    import lightning as L
+
+    from data_pipelines.datamodule import ShardDataModule
+    from lightning_diffusion.clip.module import CLIPModule
+    from lightning_diffusion.errors import UserError
+
+    config = yaml.safe_load((REPO / "configs/clip/tiny.yaml").read_text())["model"]["init_args"]
+    model = CLIPModule(**{**config, "image_size": 32})
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UserError, match="model.init_args.image_size is 32 but data.init_args.image_size is 64"):
+        trainer.fit(model, datamodule=ShardDataModule(str(tmp_path / "none-*.tar"), image_size=64))
+
+
 def test_pre_encoded_latents_have_no_pixel_size_to_compare() -> None:
     from data_pipelines.datamodule import ShardDataModule
     from lightning_diffusion.training.consistency import data_image_size
