@@ -227,7 +227,7 @@ def test_encode_latents_cli_names_a_missing_folder_and_exits_2(tmp_path: Path, c
 
 @pytest.mark.parametrize("overlay, expected", [
     ("text_sd15_clip_tiny", {"text_encoder": "hf_clip", "text_encoder_path": "pretrained/clip-vit-large-patch14"}),
-    ("text_sd2_clip_tiny", {"text_encoder": "hf_clip", "text_layer": "penultimate"}),
+    ("text_sd2_clip_tiny", {"text_encoder": "hf_clip", "text_layer": "last"}),
     ("text_open_clip_tiny", {"text_encoder": "open_clip", "text_encoder_arch": "ViT-L-14"}),
     ("text_t5_tiny", {"text_encoder": "t5", "text_encoder_path": "pretrained/flan-t5-base"}),
 ])

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder-arch", default=None,
                         help="open_clip architecture of an open_clip weights file (e.g. ViT-L-14)")
     parser.add_argument("--text-layer", default="last", choices=["last", "penultimate"],
-                        help="hf_clip states: last layer (SD 1.x) or penultimate (SD 2.x); default last")
+                        help="hf_clip states: last layer (default; SD 1.x and SD 2.x folders) or "
+                             "penultimate (diffusers' clip_skip=1)")
     parser.add_argument("--in", dest="urls", required=True, nargs="+",
                         help="input image shards (patterns like 'data/emoji/train-*.tar')")
     parser.add_argument("--out", required=True, help="output folder (shards + manifest.json)")

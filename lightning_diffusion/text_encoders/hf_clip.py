@@ -1,8 +1,9 @@
 """A Hugging Face `CLIPTextModel` folder (Stable Diffusion 1.x/2.x `text_encoder/` + `tokenizer/`) as a frozen
 text encoder.
 
-States: the last hidden state (`layer: last`, SD 1.x), or the penultimate layer's hidden state passed through the
-final layer norm (`layer: penultimate`, SD 2.x; what diffusers does for `clip_skip=1`). Pooled: `pooler_output`,
+States: the last hidden state (`layer: last`: SD 1.x, and SD 2.x, whose diffusers `text_encoder/` already lacks
+ViT-H's last layer: 23 of 24), or the penultimate layer's hidden state passed through the final layer norm
+(`layer: penultimate`, what diffusers does for `clip_skip=1`). Pooled: `pooler_output`,
 the final-layer state at the first end-of-text token (width D). The mask marks the tokens up to that end-of-text
 token: padding after it (SD 1.x pads with end-of-text, SD 2.x with `!`) is not attended to.
 """

@@ -58,8 +58,8 @@ class TextEncoderSpec:
         if self.layer not in ("last", "penultimate"):
             raise UserError(f"model.text_layer must be 'last' or 'penultimate', got {self.layer!r}")
         if self.layer == "penultimate" and self.kind != "hf_clip":
-            raise UserError("model.text_layer: penultimate is for model.text_encoder: hf_clip (SD 2.x); set it to "
-                            "last for other encoders")
+            raise UserError("model.text_layer: penultimate is for model.text_encoder: hf_clip (diffusers' clip_skip=1); "
+                            "set it to last for other encoders")
 
     def load(self) -> nn.Module:
         """The encoder (eval mode, no gradients); a `UserError` naming the file or folder when it is wrong."""
