@@ -5,7 +5,8 @@ and `open_clip_model.safetensors` (the model's state dict). Load it with
 `open_clip.create_model_and_transforms('local-dir:DIR')` and `open_clip.get_tokenizer('local-dir:DIR')`.
 `model_cfg` is the architecture the checkpoint's hyper-parameters describe (image size and context length
 overrides, EfficientNet/MiniLM tower starts, the loss's logit parameters); a MiniLM text tower names its local
-all-MiniLM-L6-v2 folder, so that folder must exist where the export is loaded. The export reloads the folder in
+all-MiniLM-L6-v2 folder, so that folder must exist where the export is loaded; its tokenizer files are copied
+into the export folder, where open_clip's `local-dir:` tokenizer looks for them. The export reloads the folder in
 open_clip and refuses to finish unless image and text features match the checkpoint's to 1e-5.
 """
 
@@ -71,6 +72,10 @@ def export_open_clip(ckpt: Path, out: Path) -> str:
     preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in model.visual.preprocess_cfg.items()}
     config = {"model_cfg": open_clip_model_cfg(arch), "preprocess_cfg": preprocess}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    if config["model_cfg"]["text_cfg"].get("hf_tokenizer_name"):  # open_clip reads a local-dir's HF tokenizer there
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(config["model_cfg"]["text_cfg"]["hf_tokenizer_name"]).save_pretrained(out)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_NAME))
 
     reloaded = open_clip.create_model(f"local-dir:{out}").eval()
