@@ -8,7 +8,8 @@
   ``--allow_url_ckpt_path true``); then they still load weights-only.
 - **Lightning's own loading** (``--ckpt_path``, the auto-resume ``step-*.ckpt``, SLURM's ``hpc_ckpt_*.ckpt``) goes
   through `WeightsOnlyCheckpointIO`, which the CLI installs in every trainer.
-- **Hugging Face / diffusers folders** must hold safetensors weights (`check_safetensors_folder`).
+- **Hugging Face / diffusers folders**: safetensors weights (`check_safetensors_folder`); a pickled `.bin` in such a
+  folder is read with `load_checkpoint` (weights-only) like any other pickle.
 - **Class paths** read from a checkpoint (``_class_path``) or a config file are code: `resolve_model_class` maps
   them to one of the project's model classes (`MODEL_CLASSES`; `register_model_class` adds one) *before* anything
   is imported, and checks the class against the expected one; anything else is refused.
