@@ -5,6 +5,7 @@ is stored by encode-latents, and a wrong folder is one line naming what is missi
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -253,3 +254,42 @@ def test_the_text_encoder_overlays_set_plain_arguments_and_a_run_folder(overlay:
     assert [c["class_path"] for c in merged["trainer"]["callbacks"]] == [c["class_path"] for c in
                                                                          base["trainer"]["callbacks"]]
     assert not any(c["init_args"].get("dirpath") for c in merged["trainer"]["callbacks"])  # all below root
+
+
+def test_a_full_clip_model_folder_loads_its_text_tower_quietly(tmp_path: Path, capfd: pytest.CaptureFixture,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """SD 1.x's encoder is openai/clip-vit-large-patch14, a whole CLIPModel: the text tower equals CLIPModel's, and
+    its unused vision weights do not print a load report (hundreds of lines for ViT-L/14)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from pretrained_text_support import clip_tokenizer
+
+    text = hf_clip_folder(tmp_path / "sd", seed=3)
+    folder = clip_tokenizer(tmp_path / "full")  # the tokenizer files lie beside the weights, as in the HF repo
+    torch.manual_seed(1)
+    config = CLIPConfig(text_config=json.loads((text / "config.json").read_text()),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=16), projection_dim=16)
+    full = CLIPModel(config).eval()
+    full.save_pretrained(folder)
+    capfd.readouterr()
+    encoder = TextEncoderSpec("hf_clip", str(folder)).load()
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.out + printed.err + caplog.text
+    tokens = encoder.tokenize(PROMPTS)
+    with torch.no_grad():
+        reference = full.text_model(input_ids=tokens)
+    states, pooled = encoder(tokens)
+    torch.testing.assert_close(states, reference.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(pooled, reference.pooler_output, rtol=0, atol=0)
+
+
+def test_a_folder_missing_weights_is_refused_not_started_at_random(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    text = hf_clip_folder(tmp_path / "sd")
+    weights = load_file(str(text / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "layers.1." not in k}, str(text / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"lacks \d+ weights of CLIPTextModel \(first: .*layers\.1\."):
+        TextEncoderSpec("hf_clip", str(text)).load()

@@ -64,13 +64,25 @@ def check_model_type(folder: Path, key: str, allowed: tuple[str, ...], layout: s
 
 def load_model(cls: Any, folder: Path, key: str) -> torch.nn.Module:
     """`cls` (a transformers model class) from `folder` in float32: safetensors via `from_pretrained`, a `.bin`
-    weights-only into `cls(config)`; missing weights are a `UserError`."""
+    weights-only into `cls(config)`; missing weights are a `UserError`, unused ones (a full CLIPModel's vision tower,
+    a T5 decoder) are dropped without a report."""
     if any((folder / name).is_file() for name in SAFETENSORS):
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a full CLIPModel / T5 folder: one report line per unused weight, not news
         try:
-            model = cls.from_pretrained(str(folder), use_safetensors=True, dtype=torch.float32)
+            model, info = cls.from_pretrained(str(folder), use_safetensors=True, dtype=torch.float32,
+                                              output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{key}: '{folder}' could not be loaded as {cls.__name__} "
                             f"({str(err).splitlines()[0]})") from err
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:  # transformers would start them at random: a silently untrained encoder
+            raise UserError(f"{key}: '{folder}' lacks {len(missing)} weights of {cls.__name__} (first: {missing[0]}): "
+                            "the weights do not match its config.json")
         return model.eval()
     config = cls.config_class.from_pretrained(str(folder))
     model = cls(config)
