@@ -163,6 +163,62 @@ def test_sample_command_steers_a_text_denoiser_with_a_classifier(trained: dict[s
     assert len(list(out.with_suffix("").glob("row03_*.png"))) == 2
 
 
+class Kept:
+    """An evaluator that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.produced: list[torch.Tensor] = []
+
+    def update(self, real: torch.Tensor, produced: torch.Tensor, captions: object) -> None:
+        self.produced.append(produced)
+
+
+def test_evaluation_steers_each_sample_to_its_real_images_label(trained: dict[str, Path]) -> None:
+    """`evaluate --classifier` without --label: each generated sample is steered to its real image's label."""
+    import argparse
+
+    from lightning_diffusion.commands.evaluate import classifier_guide, load_model
+    from lightning_diffusion.metrics.evaluation import run_evaluation
+
+    model = load_model(trained["denoiser"], "lightning_diffusion.diffusion.module.Denoiser", torch.device("cpu"))
+    classifier = NoisyClassifier.load_frozen(trained["classifier"])
+    labels = torch.tensor([0, 1] * 4)
+    batches = [{"image": torch.zeros(8, 3, 16, 16), "label": labels},
+               {"image": torch.zeros(8, 3, 16, 16), "label": 1 - labels}]
+    accuracy = {}
+    for scale in (0.0, 20.0):
+        args = argparse.Namespace(classifier=trained["classifier"], classifier_scale=scale, label=None)
+        guide, record = classifier_guide(args, model, "generation")
+        assert record == {"classifier": str(trained["classifier"]), "scale": scale, "label": "each real image's"}
+        kept = Kept()
+        assert run_evaluation(model, batches, kept, 16, generate_options={"steps": 10}, guide=guide) == 16
+        with torch.no_grad():
+            predicted = classifier(torch.cat(kept.produced), torch.zeros(16)).argmax(-1)
+        accuracy[scale] = (predicted == torch.cat([labels, 1 - labels])).float().mean().item()
+    assert accuracy[20.0] >= 0.8 and accuracy[20.0] > accuracy[0.0], accuracy
+
+
+def test_evaluate_command_records_the_classifier_and_refuses_stray_flags(trained: dict[str, Path], tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    write_shards(tmp_path / "shards", [8], prefix="val", extra=lambda shard, index: {"json": {"label": index % 2}})
+    base = ["evaluate", "--ckpt", str(trained["denoiser"]), "--data", str(tmp_path / "shards" / "val-*.tar"),
+            "--metrics", "fid", "--encoder", "effnet", "--num-samples", "8", "--batch-size", "4", "--steps", "4",
+            "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+            "--model-class", "lightning_diffusion.diffusion.module.Denoiser"]
+    assert main([*base, "--classifier", str(trained["classifier"]), "--label", "1", "--classifier-scale", "3",
+                 "--out", str(tmp_path / "scores.json")]) == 0
+    result = json.loads((tmp_path / "scores.json").read_text())
+    assert result["classifier_guidance"] == {"classifier": str(trained["classifier"]), "scale": 3.0, "label": 1}
+    assert result["num_samples"] == 8
+    capsys.readouterr()
+    for extra, message in ((["--label", "1"], "give --classifier CKPT"),
+                           (["--classifier", str(trained["classifier"]), "--label", "2"], "--label must be in [0, 2)"),
+                           (["--classifier", str(trained["denoiser"])], "is not a classifier checkpoint")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--classifier", "CLF"], "--classifier steers samples towards a class: give at least one --label"),
     (["--classifier", "CLF", "--label", "5"], "--label must be in [0, 2)"),

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=finite_float, help="denoisers: classifier-free guidance weight (default: the model's)")
     add_sampling_arguments(parser)  # denoisers: --sampler, --steps, --eta, ... (default: the model's)
+    parser.add_argument("--classifier", type=Path, default=None,
+                        help="denoisers: noisy-image classifier checkpoint steering each sample to --label, or to its "
+                             "real image's label from the shards")
+    parser.add_argument("--classifier-scale", type=finite_float, default=None,
+                        help="classifier guidance scale s (default 1 with --classifier)")
+    parser.add_argument("--label", type=nonnegative_int, default=None,
+                        help="with --classifier: the class every sample is steered to (default: each real image's)")
     parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
@@ -169,6 +177,36 @@ def generation_options(args: argparse.Namespace, model: torch.nn.Module, task: s
     return given
 
 
+def classifier_guide(args: argparse.Namespace, model: torch.nn.Module,
+                     task: str) -> tuple[Callable[[dict[str, Any]], Any] | None, dict[str, Any] | None]:
+    """`--classifier`: `batch -> generate(model_wrapper=...)` steering each sample to `--label` or to its real image's
+    label, and its record for the results; checked (files, pairing, label range) before anything is scored."""
+    if args.classifier is None:
+        if args.classifier_scale is not None or args.label is not None:
+            raise UserError("--classifier-scale and --label steer samples with a classifier: give --classifier CKPT")
+        return None, None
+    if task != "generation":
+        raise UserError(f"--classifier guides denoiser checkpoints; this one is a {task} model")
+    from lightning_diffusion.classifier.guidance import check_pair, guidance_wrapper
+    from lightning_diffusion.classifier.module import NoisyClassifier
+
+    classifier = NoisyClassifier.load_frozen(args.classifier)
+    check_pair(model, classifier)
+    scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+    guidance_wrapper(model, classifier, [args.label or 0], scale)  # scale and label range, before the real data
+
+    def guide(batch: dict[str, Any]) -> Any:  # noqa: ANN401 - generate's model_wrapper
+        labels = batch.get("label") if args.label is None else [args.label] * len(batch["image"])
+        if labels is None:
+            raise UserError("--classifier without --label steers each sample to its real image's label, but the "
+                            "--data shards have none (json 'label' or cls): give --label K")
+        return guidance_wrapper(model, classifier, labels, scale)
+
+    record = {"classifier": str(args.classifier), "scale": scale,
+              "label": args.label if args.label is not None else "each real image's"}
+    return guide, record
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Score `args.ckpt`; returns the JSON-ready result (metrics, task, encoder, counts, timing)."""
     from lightning_diffusion.metrics.encoders import auto_encoder_name, build_encoder
@@ -201,6 +239,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     task = model_task(model)
     check_metrics(task, metrics)
     options = generation_options(args, model, task)
+    guide, guidance_record = classifier_guide(args, model, task)
     image_size = args.image_size or int(getattr(model, "hparams", {}).get("image_size",
                                                                           getattr(model, "default_image_size", 64)))
     _check_image_size(model, task, image_size)
@@ -234,7 +273,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     per_rank = math.ceil(args.num_samples / world)
     with tqdm(total=per_rank, desc=f"scoring ({task})", unit="img", disable=rank != 0) as bar:
         scored = run_evaluation(model, loader, evaluator, per_rank, args.seed, rank, progress=bar.update,
-                                generate_options=options)
+                                generate_options=options, guide=guide)
     results = evaluator.compute()
     total = evaluator.total_seen()
     if total < args.num_samples and rank == 0:
@@ -244,6 +283,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": str(args.ckpt), "task": task, "metrics": results, "encoder": encoder_name,
         "num_samples": total, "requested_samples": args.num_samples, "scored_on_rank0": scored,
         "world_size": world, "image_size": image_size, "generation": options or None,
+        "classifier_guidance": guidance_record,
         "real_statistics_cached": real_cached, "seconds": round(time.perf_counter() - started, 2),
     }
 

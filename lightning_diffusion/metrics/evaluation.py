@@ -148,11 +148,13 @@ def run_evaluation(
     rank: int = 0,
     progress: Callable[[int], None] | None = None,
     generate_options: dict[str, Any] | None = None,
+    guide: Callable[[dict[str, Any]], Any] | None = None,
 ) -> int:
     """Feed up to `samples_per_rank` real images (and what the model makes of them) to `evaluator`; returns the
     number of images this rank scored. Generated sample i of rank r draws from the per-sample stream of index
     `r * samples_per_rank + i` (`diffusion/seeding.py`): the same images whatever the batch size;
-    `generate_options` (guidance, sampler, steps, ...) go to `model.generate`.
+    `generate_options` (guidance, sampler, steps, ...) go to `model.generate`; `guide(batch)`, when given, is its
+    `model_wrapper` for that batch (classifier guidance towards the batch's labels).
     """
     task = model_task(model)
     device = next(model.parameters()).device
@@ -167,7 +169,8 @@ def run_evaluation(
             else:
                 inputs = {k: v.to(device) if isinstance(v, Tensor) else v
                           for k, v in generation_inputs(model, {**batch, "image": real}).items()}
-                produced = model.generate(**inputs, **(generate_options or {}), seed=seed,
+                wrapper = {"model_wrapper": guide(batch)} if guide is not None else {}
+                produced = model.generate(**inputs, **(generate_options or {}), **wrapper, seed=seed,
                                           first_index=rank * samples_per_rank + seen)
         captions = list(batch["caption"]) if "caption" in batch else None
         evaluator.update(real, produced, captions)
