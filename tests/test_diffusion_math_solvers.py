@@ -1,5 +1,6 @@
-"""DPM-Solver++, Euler ancestral and EDM's stochastic sampler against diffusers' schedulers step for step and
-against the exact denoiser of Gaussian data; per-sample seeds; the sampling options' checks; CFG rescale."""
+"""DPM-Solver++ and Euler ancestral against diffusers' schedulers step for step; those and EDM's stochastic sampler
+(no diffusers counterpart) against the exact denoiser of Gaussian data; per-sample seeds; the sampling options'
+checks; CFG rescale."""
 
 from __future__ import annotations
 

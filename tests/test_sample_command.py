@@ -121,12 +121,14 @@ def test_bad_input_is_a_one_line_user_error(checkpoints: dict[str, Path], tmp_pa
     assert err.startswith("error: ") and "\n" not in err and message in err, err
 
 
-def test_sample_help_lists_every_sampling_option(capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_help_lists_every_sampling_option(command: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
-        main(["sample", "--help"])
+        main([command, "--help"])
     out = capsys.readouterr().out
     for flag in ("--sampler", "--steps", "--eta", "--variance", "--spacing", "--grid", "--rho", "--s-churn",
-                 "--threshold", "--clip", "--cfg-rescale", "dpmpp_2m", "euler_ancestral"):
+                 "--threshold", "--clip", "--cfg-rescale", "dpmpp_2m", "euler_ancestral", "--guidance",
+                 "--classifier", "--classifier-scale", "--label"):
         assert flag in out, flag
 
 
