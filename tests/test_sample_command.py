@@ -139,3 +139,21 @@ def test_new_samplers_and_options_run_end_to_end(checkpoints: dict[str, Path], t
                  "0.7", "--n", "2", "--out", str(out), "--device", "cpu"]) == 0
     assert "sampler=edm steps=3" in out.with_suffix(".txt").read_text()
     assert "s_churn=10.0" in out.with_suffix(".txt").read_text()
+
+
+def test_the_single_image_folder_is_replaced_only_when_sample_wrote_it(checkpoints: dict[str, Path], tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """`--out results.png` writes its single images to `results/`, replacing an earlier call's: a folder of the
+    user's own files there is refused (one line) and left as it was."""
+    args = ["sample", "--ckpt", str(checkpoints["text"]), "--prompt", "a koala", "--steps", "2", "--n", "2",
+            "--device", "cpu", "--out", str(tmp_path / "results.png")]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "my_notes.txt").write_text("mine")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out:") and "\n" not in err and "my_notes.txt" in err, err
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["my_notes.txt"]
+    assert not (tmp_path / "results.png").exists()
+    (tmp_path / "results" / "my_notes.txt").unlink()
+    assert main(args) == 0 and main([*args, "--n", "1"]) == 0  # its own earlier images are replaced
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["row00_000.png"]

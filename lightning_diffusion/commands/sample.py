@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from lightning_diffusion.arguments import (
 )
 from lightning_diffusion.diffusion.sampling import add_sampling_arguments, check_overrides, sampling_overrides
 from lightning_diffusion.errors import UserError
+
+SINGLE_IMAGE = re.compile(r"row\d{2,}_\d{3,}\.png")  # the names of the single images this command writes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +135,12 @@ def run(args: argparse.Namespace) -> int:
     if out.with_suffix("").exists() and not out.with_suffix("").is_dir():
         raise UserError(f"--out: '{out.with_suffix('')}' (the folder for the single images) is a file; move it or "
                         "choose another --out")
+    if out.with_suffix("").is_dir():  # replaced as a whole at the end: only an earlier `sample`'s images may be in it
+        foreign = sorted(p.name for p in out.with_suffix("").iterdir() if not SINGLE_IMAGE.fullmatch(p.name))
+        if foreign:
+            raise UserError(f"--out: '{out.with_suffix('')}' (the folder for the single images, replaced by this "
+                            f"call) holds files sample did not write ({', '.join(foreign[:3])}"
+                            f"{' ...' if len(foreign) > 3 else ''}): move them or choose another --out")
     if args.lowres is not None and not Path(args.lowres).is_file():
         raise UserError(f"--lowres image '{args.lowres}' does not exist")
     model = load_denoiser(args.ckpt, vae_checkpoint=args.vae_checkpoint, clip_checkpoint=args.clip_checkpoint,
