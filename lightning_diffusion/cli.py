@@ -114,6 +114,9 @@ def run_lightning(args: list[str]) -> None:
             seed_log.setLevel(logging.WARNING)
             try:
                 super()._set_seed()
+            except ValueError as err:  # out of numpy's range, or PL_GLOBAL_SEED not a number
+                raise UserError(f"seed_everything: {err}; give an integer in [0, 2**32 - 1], true (random) or "
+                                "false (no seeding)") from err
             finally:
                 seed_log.setLevel(level)
 

@@ -191,6 +191,7 @@ CASES = [
          entry="data_pipelines"),
     # ---- fit: values torch or Lightning would refuse late
     Case("fit vae adam beta of 1", lambda e: e.fit("vae", model={"betas": [0.5, 1.0]}), "model.betas", "e.g."),
+    Case("fit negative seed", lambda e: e.fit("vae", "--seed_everything", "-1"), "seed_everything", "2**32 - 1"),
     Case("fit clip adam beta nan", lambda e: e.fit("clip", model={"betas": [float("nan"), 0.98]}), "model.betas",
          "e.g."),
     Case("fit clip negative weight decay", lambda e: e.fit("clip", model={"weight_decay": -0.1}),
