@@ -134,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
     from data_pipelines import emoji_sources
     from data_pipelines.image_prep import png_bytes
     from data_pipelines.shard_writer import (
-        MANIFEST_NAME,
         ShardWriter,
         atomic_write_bytes,
+        check_shards_are_ours,
         remove_stale_shards,
+        set_aside_manifest,
         write_manifest,
     )
 
@@ -177,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
     for split in SPLITS:
         by_split[split].sort(key=lambda im: (unit_hash(args.seed, "order", im.key), im.key))
 
+    check_shards_are_ours(out, SPLITS)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # the build is "done" only once a new manifest is written
+    set_aside_manifest(out)  # the build is "done" only once a new manifest is written
     total = sum(len(v) for v in by_split.values())
     shards, counts = [], {}
     with tqdm(total=total, desc="build-emoji", unit="img", file=sys.stderr, mininterval=2.0) as progress:

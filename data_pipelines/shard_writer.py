@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tarfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +26,7 @@ import webdataset as wds
 from lightning_diffusion.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
+PREVIOUS_MANIFEST = ".manifest-previous.json"  # the last manifest while its shards are being replaced
 MANIFEST_FORMAT = "lightning_diffusion.shards/1"
 _TAR_FORMAT = tarfile.GNU_FORMAT
 _KEY_PATTERN = re.compile(r"^[^./\\\x00-\x1f\x7f][^.\\\x00-\x1f\x7f]*$")  # no dots, backslashes or controls
@@ -174,7 +176,7 @@ class ShardWriter:
         if self._tar is not None:
             self._finish_shard()
         if self.shards:
-            (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+            set_aside_manifest(self.out_dir)
         for shard in self.shards:
             os.replace(self.staging / shard.name, self.out_dir / shard.name)
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -190,12 +192,47 @@ class ShardWriter:
         self.shards = []
 
 
+def set_aside_manifest(out_dir: Path) -> None:
+    """Before shards are replaced: the folder is not "done" until a new manifest is written, but the old one stays
+    (as `PREVIOUS_MANIFEST`) as the record of which shard files this project wrote there."""
+    manifest = Path(out_dir) / MANIFEST_NAME
+    if manifest.is_file():
+        os.replace(manifest, Path(out_dir) / PREVIOUS_MANIFEST)
+
+
+def recorded_shards(out_dir: Path) -> set[str]:
+    """The shard names an earlier run recorded in `out_dir` (its manifest, or the one set aside by a run that was
+    interrupted before writing its own)."""
+    names: set[str] = set()
+    for name in (MANIFEST_NAME, PREVIOUS_MANIFEST):
+        try:
+            names |= {s["name"] for s in json.loads((Path(out_dir) / name).read_text(encoding="utf-8"))["shards"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return names
+
+
+def check_shards_are_ours(out_dir: Path, prefixes: Iterable[str], key: str = "--out") -> None:
+    """Refuse an output folder holding `<prefix>-NNNNNN.tar` files no manifest there lists: this run would overwrite
+    or delete them, and they are someone else's (another tool's shards, or copied in by hand)."""
+    if not Path(out_dir).is_dir():
+        return
+    pattern = re.compile(rf"^({'|'.join(re.escape(p) for p in prefixes)})-\d{{6}}\.tar$")
+    recorded = recorded_shards(out_dir)
+    foreign = sorted(p.name for p in Path(out_dir).iterdir() if pattern.match(p.name) and p.name not in recorded)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UserError(f"{key}: '{out_dir}' holds {foreign[0]}{more}, which no manifest.json there lists (another "
+                        f"tool's shards?): this run would overwrite or delete them; move them away or choose another "
+                        f"{key}")
+
+
 def remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:
-    """Delete `<prefix>-NNNNNN.tar` files (and leftover `.tmp`s) from an earlier run that this run did not write."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?$")
-    for path in out_dir.iterdir():
-        if pattern.match(path.name) and path.name not in keep:
-            path.unlink()
+    """Delete the `<prefix>-NNNNNN.tar` files an earlier run recorded that this run did not write (never others)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
+    for name in recorded_shards(out_dir) - keep:
+        if pattern.match(name) and (Path(out_dir) / name).is_file():
+            (Path(out_dir) / name).unlink()
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
@@ -215,4 +252,5 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     manifest["shards"] = [asdict(s) if isinstance(s, ShardInfo) else s for s in manifest.get("shards", [])]
     path = Path(out_dir) / MANIFEST_NAME
     atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    (Path(out_dir) / PREVIOUS_MANIFEST).unlink(missing_ok=True)
     return path

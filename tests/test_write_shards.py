@@ -189,3 +189,32 @@ def test_writer_predicts_file_size_exactly(tmp_path: Path) -> None:
     with tarfile.open(tmp_path / "x-000000.tar") as archive:
         members = archive.getmembers()
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o444)}
+
+
+def test_only_recorded_shards_are_replaced_or_removed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A rerun with fewer shards removes the extra ones it recorded; shard-named files no manifest lists (another
+    tool's) are refused with one line and left as they were; an interrupted run's record still counts."""
+    root = tmp_path / "many"
+    for i in range(7):
+        save(root / f"img{i}.png", (16, 16), seed=i)
+        (root / f"img{i}.txt").write_text(f"image {i}")
+    out = tmp_path / "out"
+    assert main(["write-shards", str(root), "--out", str(out), "--max-samples-per-shard", "3"]) == 0
+    assert main(["write-shards", str(root), "--out", str(out), "--max-samples-per-shard", "7"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"]  # its own extra shards removed
+
+    (out / "train-000004.tar").write_bytes(b"someone else's")
+    (out / "val-000000.tar").write_bytes(b"another prefix: not this run's business")
+    capsys.readouterr()
+    assert main(["write-shards", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out:") and "\n" not in err and "train-000004.tar" in err, err
+    assert (out / "train-000004.tar").read_bytes() == b"someone else's"
+    (out / "train-000004.tar").unlink()
+
+    # killed after its shards were moved in but before its manifest was written: the set-aside record still counts
+    (out / "manifest.json").rename(out / ".manifest-previous.json")
+    assert main(["write-shards", str(root), "--out", str(out), "--max-samples-per-shard", "3"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "train-000002.tar",
+                                                          "val-000000.tar"]
+    assert not (out / ".manifest-previous.json").exists()
