@@ -207,6 +207,10 @@ def _load_frozen(loader: str) -> Callable[[Path, Path], object]:
             return CLIPTextEncoder.from_checkpoint(path)
         if loader == "clip_image":
             return CLIPImageEncoder.from_checkpoint(path)
+        if loader == "classifier":
+            from lightning_diffusion.classifier.module import NoisyClassifier
+
+            return NoisyClassifier.load_frozen(path)
         return Denoiser(**{**TINY_DENOISER, "conditioning": "text", "text_encoder": "clip",
                            "clip_checkpoint": str(path)})
     return load
@@ -230,6 +234,7 @@ PATHS: dict[str, Callable[[Path, Path], object]] = {
     "CLIPTextEncoder.from_checkpoint": _load_frozen("clip_text"),
     "CLIPImageEncoder.from_checkpoint": _load_frozen("clip_image"),
     "Denoiser clip_checkpoint": _load_frozen("denoiser"),
+    "NoisyClassifier.load_frozen (sample/evaluate --classifier)": _load_frozen("classifier"),
     "EfficientNet-Lite0 weights": _plain("effnet"),
     "Inception-v3 weights": _plain("inception"),
     "LPIPS backbone in TORCH_HOME": _lpips,
