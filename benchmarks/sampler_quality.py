@@ -36,7 +36,8 @@ FEW = 5  # P5b
 
 def label(row: dict) -> str:
     """The sampler and its non-default options, e.g. ``edm s_churn=40``."""
-    return " ".join([row["sampler"], *(f"{key}={value:g}" for key, value in row.get("options", {}).items())])
+    return " ".join([row["sampler"], *(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                                       for key, value in row.get("options", {}).items())])
 
 
 def best_within(rows: list[dict], budget: int) -> dict | None:
