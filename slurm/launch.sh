@@ -43,7 +43,10 @@ echo "[launch] job ${job_key} restart ${SLURM_RESTART_COUNT:-0}: run ${RUN_ID}, 
 # `srun` starts one process per task; Lightning's SLURMEnvironment reads the ranks from SLURM's variables.
 # --signal=SIGUSR1 (without `B:`, so it reaches these processes) is handled by RequeueOnSignal: hpc_ckpt
 # saved by all ranks at a step boundary, then `scontrol requeue` (Lightning's in-handler save can hang DDP).
-srun --kill-on-bad-exit=1 python -m lightning_diffusion fit \
+# Until RequeueOnSignal installs its handler, SIGUSR1 is ignored (an ignored signal stays ignored across exec):
+# SLURM delivered the signal a second time as the requeued job's new step started (seen on the local cluster),
+# and its default action killed the restarted run before it could restore its checkpoint.
+srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "$@"' usr1-ignored python -m lightning_diffusion fit \
   "${CONFIG_ARGS[@]}" \
   --trainer.callbacks+=lightning_diffusion.training.slurm_requeue.RequeueOnSignal \
   --trainer.default_root_dir "$RUN_DIR" \

@@ -37,7 +37,8 @@ def test_templates_request_what_lightning_needs(name: str) -> None:
     for directive in ("--ntasks-per-node=", "--gpus-per-node=", "--signal=SIGUSR1@90", "--requeue", "--open-mode=append"):
         assert f"#SBATCH {directive}" in text, directive
     assert 'source "${SLURM_SUBMIT_DIR' in text
-    assert "srun --kill-on-bad-exit=1 python -m lightning_diffusion fit" in (REPO / "slurm/launch.sh").read_text()
+    launch = (REPO / "slurm/launch.sh").read_text()
+    assert "srun --kill-on-bad-exit=1 bash -c 'trap \"\" USR1; exec \"$@\"' usr1-ignored python -m lightning_diffusion fit" in launch
 
 
 def _touch(path: Path, mtime: float) -> Path:
