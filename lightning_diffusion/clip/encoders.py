@@ -185,8 +185,11 @@ class MiniLMTextEncoder(TextEncoder):
         from open_clip.tokenizer import HFTokenizer
         from transformers import AutoModel
 
+        from lightning_diffusion.text_encoders.hf_folder import quiet_transformers
+
         folder = minilm_dir(path)
-        self.model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, use_safetensors=True)
+        with quiet_transformers():  # the checkpoint's pooler, which add_pooling_layer=False leaves out, is no news
+            self.model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, use_safetensors=True)
         self.tokenizer = HFTokenizer(str(folder), context_length=context_length)
         self.context_length = context_length
         self.width = int(self.model.config.hidden_size)

@@ -12,6 +12,8 @@ use_safetensors=True)`; a `pytorch_model.bin` pickle through the project's weigh
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,23 +64,35 @@ def check_model_type(folder: Path, key: str, allowed: tuple[str, ...], layout: s
                         f"{' or '.join(map(repr, allowed))}: expected {layout}")
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' load report lists every unused weight (a full CLIPModel's vision tower, a T5 decoder, MiniLM's
+    pooler): one line each, on every load. Missing weights are checked by the callers instead."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" for a model that loads in a second
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(cls: Any, folder: Path, key: str) -> torch.nn.Module:
     """`cls` (a transformers model class) from `folder` in float32: safetensors via `from_pretrained`, a `.bin`
     weights-only into `cls(config)`; missing weights are a `UserError`, unused ones (a full CLIPModel's vision tower,
     a T5 decoder) are dropped without a report."""
     if any((folder / name).is_file() for name in SAFETENSORS):
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # a full CLIPModel / T5 folder: one report line per unused weight, not news
         try:
-            model, info = cls.from_pretrained(str(folder), use_safetensors=True, dtype=torch.float32,
-                                              output_loading_info=True)
+            with quiet_transformers():
+                model, info = cls.from_pretrained(str(folder), use_safetensors=True, dtype=torch.float32,
+                                                  output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{key}: '{folder}' could not be loaded as {cls.__name__} "
                             f"({str(err).splitlines()[0]})") from err
-        finally:
-            hf_logging.set_verbosity(verbosity)
         missing = sorted(info.get("missing_keys") or [])
         if missing:  # transformers would start them at random: a silently untrained encoder
             raise UserError(f"{key}: '{folder}' lacks {len(missing)} weights of {cls.__name__} (first: {missing[0]}): "
