@@ -243,7 +243,10 @@ def text_conditioning_section() -> list[str]:
         lines.append(f"| {row['variant']} | {row['text_encoder']} | {row['step']} | "
                      + " | ".join(f"{row[key]:.2f}" for key in metrics) + " |")
     grid = result["grid"].split(" ", 1)
-    lines += ["", f"Lowest Fréchet distance: **{result['best_by_fd']}**.", "",
+    lines += ["", f"Lowest Fréchet distance: **{result['best_by_fd']}**."
+              + (" Each CLIP judge scores highest the denoiser that reads its own text tower, so the CLIP scores "
+                 "compare judges more than encoders; the Fréchet distance has no such bias."
+                 if any("judge" in key for key in metrics) else ""), "",
               f"![text conditioning curves]({result['curves']})", "", f"Grid {grid[1]}:", "",
               f"![text conditioning samples]({grid[0]})", ""]
     return lines

@@ -11,7 +11,7 @@ command of runs/quickstart/clip/command.txt (for clip_minilm), the encode-latent
 SampleMetrics callback). The score is that callback's: Fréchet distance (EfficientNet-Lite0 features) and CLIP score
 of 512 samples for held-out concepts, every 1000 steps; the CLIP score's judge is the quickstart's CLIP for every
 variant (it shares its text tower with `clip`: a bias in that variant's favour, which the Fréchet distance does not
-have). Writes results/text_conditioning.json, a sample grid of the held-out prompts (text_conditioning.png: for each
+have), so the final models are also scored with clip_minilm's CLIP as the judge (`evaluate`, 512 samples). Writes results/text_conditioning.json, a sample grid of the held-out prompts (text_conditioning.png: for each
 variant, one row per prompt, the same seeds) and the curves (text_conditioning_curves.png).
 
     make run                                   # the quickstart, once (runs/quickstart)
@@ -106,6 +106,16 @@ def train_denoiser(quickstart: Path, folder: Path, latents: Path, model: dict[st
     return checkpoint
 
 
+def second_judge(checkpoint: Path, judge: Path, out: Path, samples: int) -> float:
+    """CLIP score of `checkpoint`'s samples for the held-out captions with another CLIP as the judge (`evaluate`)."""
+    if not out.is_file():
+        run([sys.executable, "-m", "lightning_diffusion", "evaluate", "--ckpt", str(checkpoint), "--data",
+             str(ROOT / "data/emoji/val-*.tar"), "--metrics", "clip_score", "--num-samples", str(samples),
+             "--clip-ckpt", str(judge), "--batch-size", "128", "--device", "cpu", "--out", str(out)],
+            out.with_suffix(".log"))
+    return next(v for k, v in json.loads(out.read_text())["metrics"].items() if k.startswith("clip_score"))
+
+
 def history(folder: Path) -> list[dict[str, float]]:
     from render_readme import sample_metrics_history
 
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-prompt", type=int, default=6, help="grid samples per held-out prompt and variant")
     parser.add_argument("--guidance", type=float, default=3.0, help="CFG weight of the grid")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps of the grid")
+    parser.add_argument("--judge-samples", type=int, default=512, help="samples scored by the second CLIP judge")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     quickstart = args.quickstart if args.quickstart.is_absolute() else ROOT / args.quickstart
@@ -176,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     histories = {name: history(folder) for name, folder in folders.items()}
     table = [{"variant": name, "text_encoder": DESCRIPTIONS[name], **histories[name][-1]} for name in VARIANTS]
+    for row in table:  # each CLIP judge favours the denoiser that reads its own text tower: score with both
+        name = row["variant"]
+        row["clip_score (judge: clip_minilm's CLIP)"] = second_judge(
+            folders[name] / "checkpoints" / "last.ckpt", clip, runs / name / "judge_clip_minilm.json", args.judge_samples)
     fd_key = next(k for k in table[0] if k.startswith(("fd_", "fid_")))
     best = min(table, key=lambda row: row[fd_key])
     prompts = heldout_prompts(quickstart)
@@ -190,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {
         "benchmark": "text_conditioning", "command": " ".join(shown),
         "metrics": f"SampleMetrics at the last step: {fd_key} (Fréchet distance, EfficientNet-Lite0 features) and "
-                   "clip_score (judge: the quickstart's CLIP) of 512 samples, held-out concepts",
+                   "clip_score (judge: the quickstart's CLIP) of 512 samples, held-out concepts; and the CLIP score "
+                   "of `evaluate` with clip_minilm's CLIP as the judge",
         "best_by_fd": best["variant"], "table": table, "histories": histories,
         "grid": f"benchmarks/results/text_conditioning.png (rows: {', '.join(VARIANTS)}; within each, one row per "
                 f"prompt: {', '.join(prompts)}; guidance {args.guidance:g}, {args.steps} steps, seeds 0..)",
