@@ -29,7 +29,8 @@ def resume_checkpoint(run_dir: str | Path) -> Path | None:
     """The `last*.ckpt` to pass as `--ckpt_path`, or None when Lightning's own HPC restore applies (or nothing).
 
     A `hpc_ckpt_*.ckpt` in `run_dir` newer than every `last*.ckpt` below it is left to Lightning, which
-    restores it when `ckpt_path` is None; a newer `last*.ckpt` (saved after the last requeue) wins.
+    restores it when `ckpt_path` is None; a newer `last*.ckpt` from a later step (training went on after the last
+    requeue, then the job died without the signal) wins.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -40,7 +41,20 @@ def resume_checkpoint(run_dir: str | Path) -> Path | None:
     hpc = _newest([p for p in run_dir.glob("hpc_ckpt_*.ckpt") if p.is_file()])
     if hpc is not None and hpc.stat().st_mtime >= last.stat().st_mtime:
         return None
+    if hpc is not None and _step(last) <= _step(hpc):
+        return None  # written on the way out after the requeue (training stops at the hpc step): the same state
     return last
+
+
+def _step(checkpoint: Path) -> int:
+    """The optimiser step a checkpoint holds (-1 when it cannot be read: the other one is then preferred)."""
+    from lightning_diffusion.training.checkpoints import load_checkpoint
+
+    try:
+        state = load_checkpoint(checkpoint, what="checkpoint", key="resume", mmap=True)
+    except UserError:
+        return -1
+    return int(state.get("global_step", -1)) if isinstance(state, dict) else -1
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:

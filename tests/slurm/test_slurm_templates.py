@@ -41,9 +41,9 @@ def test_templates_request_what_lightning_needs(name: str) -> None:
     assert "srun --kill-on-bad-exit=1 bash -c 'trap \"\" USR1; exec \"$@\"' usr1-ignored python -m lightning_diffusion fit" in launch
 
 
-def _touch(path: Path, mtime: float) -> Path:
+def _touch(path: Path, mtime: float, step: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    torch.save({"global_step": step}, path)
     os.utime(path, (mtime, mtime))
     return path
 
@@ -52,11 +52,13 @@ def test_resume_prefers_lightning_hpc_restore_unless_last_is_newer(tmp_path: Pat
     assert resume_checkpoint(tmp_path / "missing") is None
     assert resume_checkpoint(tmp_path) is None
     now = time.time()
-    _touch(tmp_path / "hpc_ckpt_1.ckpt", now - 100)
+    _touch(tmp_path / "hpc_ckpt_1.ckpt", now - 100, step=9)
     assert resume_checkpoint(tmp_path) is None  # Lightning restores hpc checkpoints itself
-    last = _touch(tmp_path / "proj" / "run" / "checkpoints" / "last.ckpt", now - 50)
-    assert resume_checkpoint(tmp_path) == last  # saved after the requeue, then the job crashed
-    _touch(tmp_path / "hpc_ckpt_2.ckpt", now)
+    last = _touch(tmp_path / "proj" / "run" / "checkpoints" / "last.ckpt", now - 90, step=9)
+    assert resume_checkpoint(tmp_path) is None  # written on the way out after the requeue: the hpc state
+    last = _touch(last, now - 50, step=40)
+    assert resume_checkpoint(tmp_path) == last  # trained on after the requeue, then the job crashed
+    _touch(tmp_path / "hpc_ckpt_2.ckpt", now, step=41)
     assert resume_checkpoint(tmp_path) is None
 
 
