@@ -134,3 +134,7 @@ def test_ddp_fit_across_disc_start_syncs_weights_and_latent_scale(tmp_path: Path
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # gloo's threads left to interpreter exit aborted a rank once (SIGABRT)
