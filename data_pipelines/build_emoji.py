@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     for split in SPLITS:
         by_split[split].sort(key=lambda im: (unit_hash(args.seed, "order", im.key), im.key))
 
-    check_shards_are_ours(out, SPLITS)
+    check_shards_are_ours(out, SPLITS)  # both splits up front (each ShardWriter checks its own again)
     out.mkdir(parents=True, exist_ok=True)
     set_aside_manifest(out)  # the build is "done" only once a new manifest is written
     total = sum(len(v) for v in by_split.values())

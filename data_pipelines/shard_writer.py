@@ -116,6 +116,7 @@ class ShardWriter:
         self._tar: wds.TarWriter | None = None
         self._count = 0
         self._offset = 0
+        check_shards_are_ours(self.out_dir, [prefix])  # before anything is written: they would be replaced
         self.staging = self.out_dir / f".staging-{prefix}"
         shutil.rmtree(self.staging, ignore_errors=True)  # left by a run that was killed
         self.staging.mkdir(parents=True)

@@ -184,15 +184,12 @@ def encode_sample(candidate: Candidate, resize: int | None, center_crop: bool, b
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from data_pipelines.shard_writer import (
-        ShardWriter, check_shards_are_ours, read_manifest, remove_stale_shards, write_manifest,
-    )
+    from data_pipelines.shard_writer import ShardWriter, read_manifest, remove_stale_shards, write_manifest
 
     source, out = Path(args.source), check_output_dir(args.out, "--out")
     base = source if source.is_dir() else source.parent
     rows = candidates(source)
     previous = read_manifest(out) if out.exists() else None
-    check_shards_are_ours(out, [args.prefix])
     skipped: Counter[str] = Counter()
     seen: set[str] = set()
     reported = 0

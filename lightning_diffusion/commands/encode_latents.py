@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from data_pipelines.shard_writer import (
-        ShardWriter, check_shards_are_ours, read_manifest, remove_stale_shards, write_manifest,
+        ShardWriter, read_manifest, remove_stale_shards, write_manifest,
     )
     from data_pipelines.urls import resolve_shards
     from lightning_diffusion.autoencoder.frozen_autoencoder import autoencoder_sha256, load_frozen_autoencoder
@@ -173,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
                    "posterior": args.posterior, "image_size": image_size}
 
     previous = read_manifest(out) if out.exists() else None
-    check_shards_are_ours(out, [args.prefix])
     samples, data = _single_samples(urls, image_size, args.num_workers)
     seen: set[str] = set()
     latent_shape: list[int] | None = None
